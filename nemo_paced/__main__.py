@@ -1,0 +1,5 @@
+import sys
+
+from nemo_paced.cli import main
+
+sys.exit(main())
