@@ -138,6 +138,9 @@ class WeightConfig:
         low, high = self.band
         if not 0 <= low < high <= 1:
             raise ValueError(f"band must satisfy 0 <= low < high <= 1, got {self.band!r}")
+        if self.estimator is PassRateEstimator.UNBIASED and not (float(self.alpha).is_integer()
+                                                                and float(self.beta).is_integer()):
+            raise ValueError(f"estimator 'unbiased' needs integer alpha and beta, got {self.alpha}, {self.beta}")
         if min(self.prior) <= 0:
             raise ValueError(f"prior pseudo-counts must be > 0, got {self.prior!r}")
 
@@ -160,7 +163,7 @@ class WeightConfig:
             low, high = self.band
             return ((p_hat > low) & (p_hat < high)).astype(np.float64)
         if self.estimator is PassRateEstimator.UNBIASED:
-            return unbiased_kernel(successes, trials, int(self.alpha), int(self.beta))
+            return unbiased_kernel(successes, trials, self.alpha, self.beta)
         return beta_kernel(p_hat, self.alpha, self.beta)
 
     def draw_and_loss(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,8 +219,11 @@ def normalise(weighted_sum, weight_sum, count: int, mode: Normalisation = Normal
 def effective_sample_size(weights: np.ndarray) -> float:
     """(sum w)^2 / sum w^2: how many equally weighted problems the weights are worth (0 if all zero)."""
     w = np.asarray(weights, np.float64)
-    denominator = float(np.sum(w * w))
-    return float(np.sum(w)) ** 2 / denominator if denominator > 0 else 0.0
+    scale = float(np.max(np.abs(w))) if w.size else 0.0
+    if scale == 0:
+        return 0.0
+    w = w / scale  # ESS is scale-free; rescaling keeps tiny weights from underflowing when squared
+    return float(np.sum(w)) ** 2 / float(np.sum(w * w))
 
 
 def extreme_fraction(successes: np.ndarray, trials: np.ndarray) -> tuple[float, float]:
