@@ -1,0 +1,47 @@
+# shellcheck shell=bash
+# common.sh: sourced by every job script of the PACED chain as `source "$1/launch/common.sh" "$@"`.
+# paced_two_stage.sh copies launch/jobs/ into RUN_DIR/launch/ at submission, so a requeued or late
+# job runs the scripts the chain was submitted with, whatever happens to the checkout afterwards.
+#
+# Arguments of every job script: RUN_DIR STAGE [stage arguments...].
+# Settings come from RUN_DIR/chain.env, written once by paced_two_stage.sh.
+set -euo pipefail
+
+PACED_RUN_DIR=$1
+PACED_STAGE=$2
+# shellcheck source=/dev/null
+source "$PACED_RUN_DIR/chain.env"
+mkdir -p "$PACED_RUN_DIR/status"
+
+# Record how this job ended, so `paced_two_stage.sh status` can answer after SLURM forgot the job.
+paced_record_exit() {
+  local rc=$?
+  echo "exit=$rc job=${SLURM_JOB_ID:-} restarts=${SLURM_RESTART_COUNT:-0} at=$(date -u +%FT%TZ)" \
+    >"$PACED_RUN_DIR/status/$PACED_STAGE"
+}
+trap paced_record_exit EXIT
+
+echo "[paced] stage $PACED_STAGE, job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0})," \
+  "nodes ${SLURM_JOB_NODELIST:-?}, $(date -u +%FT%TZ)"
+
+# The documented failure-injection knob: make one stage fail, to check on a cluster that its
+# dependents never run and that `status` names it.
+if [ "${PACED_FAIL_STAGE:-}" = "$PACED_STAGE" ]; then
+  echo "[paced] failing on purpose: PACED_FAIL_STAGE=$PACED_FAIL_STAGE" >&2
+  exit 3
+fi
+
+# srun arguments that run a step inside the container image through pyxis/enroot when one is
+# configured. The run directory is mounted at the same path, so every path in chain.env means the
+# same inside and out.
+PACED_SRUN_ARGS=(--kill-on-bad-exit=1)
+if [ -n "${PACED_IMAGE:-}" ]; then
+  PACED_SRUN_ARGS+=(--container-image="$PACED_IMAGE"
+    --container-mounts="$PACED_RUN_DIR:$PACED_RUN_DIR${PACED_MOUNTS:+,$PACED_MOUNTS}"
+    --container-workdir="$PACED_RUN_DIR")
+fi
+
+# One `nemo-paced` command as a single-task job step.
+paced() {
+  srun "${PACED_SRUN_ARGS[@]}" --ntasks=1 nemo-paced "$@"
+}

@@ -1,0 +1,254 @@
+#!/usr/bin/env bash
+# paced_two_stage.sh: submit PACED's two-stage chain to SLURM, or report on a submitted one.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage:
+  paced_two_stage.sh RECIPE [options]     submit the chain; prints the job ids and the run directory
+  paced_two_stage.sh status RUN_DIR       state of every job; names a failed job and its log
+
+The chain (one sbatch job each, linked by --dependency):
+  references   teacher reference responses                    (no dependency)
+  rollouts     rollout service, publishes RUN_DIR/rollouts.addr (no dependency, runs alongside)
+  estimate0    pass rates of the base student                 (after rollouts has started)
+  stage1       forward-KL training, `train --stage fkl`       (afterok references, estimate0)
+  estimate1    pass rates of the stage-1 checkpoint           (afterok stage1)
+  stage2       reverse-KL training, `train --stage rkl`       (afterok estimate1)
+  eval         evaluation of the final student                (afterok stage2)
+  finish       stops the rollout service                      (afterany of all the above)
+A failed job's dependents are cancelled at once (--kill-on-invalid-dep=yes) and never run.
+Training jobs are submitted with --requeue and --signal=B:USR1@SECONDS: near the time limit they
+save a checkpoint, requeue themselves and resume from it.
+
+Every option has an environment variable; the flag wins.
+Data and models:
+  --problems PATH       PACED_PROBLEMS     training problems (JSONL, Parquet or HF dataset)   [required]
+  --teacher DIR         PACED_TEACHER      teacher model                                       [required]
+  --student DIR         PACED_STUDENT      base student model                                  [required]
+  --benchmarks 'A B'    PACED_BENCHMARKS   evaluation sets, space-separated                    [required]
+  --run-dir DIR         PACED_RUN_DIR      where everything goes (default ./runs/RECIPE-DATE-TIME)
+  --k N                 PACED_K            rollouts per problem for the pass rates (default 8)
+  --engine hf|vllm      PACED_ENGINE       rollout engine (default vllm)
+  --eval-engine hf|vllm PACED_EVAL_ENGINE  evaluation engine (default hf)
+  --stage-split F       PACED_STAGE_SPLIT  fraction of the recipe's steps spent in stage 1 (default 0.5)
+  --train-args 'k=v ..' PACED_TRAIN_ARGS   extra recipe overrides for both training stages
+Cluster:
+  --account A           PACED_ACCOUNT      sbatch --account
+  --partition P         PACED_PARTITION    sbatch --partition
+  --qos Q               PACED_QOS          sbatch --qos
+  --nodes N             PACED_NODES        nodes per training job (default 1)
+  --gpus-per-node G     PACED_GPUS_PER_NODE  GPUs (= ranks) per training node; 0 = CPU, one rank (default 8)
+  --aux-gpus G          PACED_AUX_GPUS     GPUs of the rollout, reference, estimate and eval jobs (default 1)
+  --cpus-per-task C     PACED_CPUS_PER_TASK  CPUs per task (default: the cluster's default)
+  --time T              PACED_TIME         time limit of each training job (default 04:00:00)
+  --aux-time T          PACED_AUX_TIME     time limit of the reference, estimate and eval jobs (default 02:00:00)
+  --service-time T      PACED_SERVICE_TIME time limit of the rollout service (default 1-00:00:00)
+  --signal-seconds S    PACED_SIGNAL_SECONDS  warn training jobs S seconds before the limit (default 300)
+  --max-requeues N      PACED_MAX_REQUEUES how often a training job may requeue itself (default 10)
+  --sbatch-args '..'    PACED_SBATCH_ARGS  extra flags for every sbatch call
+Container (pyxis/enroot; without an image the jobs run in the submitting environment):
+  --image IMG           PACED_IMAGE        e.g. nvcr.io#nvidia/nemo:26.08 or a .sqsh file
+  --mounts M            PACED_MOUNTS       extra container mounts, SRC:DST[,SRC:DST...]; RUN_DIR is always mounted
+Other:
+  --dry-run                                print the exact sbatch commands, submit nothing, write nothing
+  --fail-stage NAME     PACED_FAIL_STAGE   make stage NAME exit 3 at once: checks a cluster's failure handling
+  -h, --help
+
+Without an image, jobs inherit the submitting shell's environment: activate the environment with
+`nemo-paced` on PATH before submitting.
+`status` exits 0 when the chain completed, 1 when a job failed, 3 while it is still running.
+EOF
+}
+
+die() { echo "paced_two_stage.sh: $*" >&2; exit 2; }
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+STAGES=(references rollouts estimate0 stage1 estimate1 stage2 eval finish)
+
+# ---------------------------------------------------------------------------------------- status
+job_state() {  # JOBID -> "STATE REASON" from scontrol, then sacct; empty when SLURM forgot the job
+  local info
+  if info=$(scontrol show job -o "$1" 2>/dev/null); then
+    sed -n 's/.*JobState=\([A-Z_]*\).*Reason=\([^ ]*\).*/\1 \2/p' <<<"$info"
+  elif info=$(sacct -X -n -P -j "$1" -o State 2>/dev/null) && [ -n "$info" ]; then
+    echo "${info%% *} None"
+  fi
+}
+
+status() {
+  local run=$1 stage id log state reason mark result=0 failed="" rows=()
+  [ -s "$run/jobs.tsv" ] || die "$run/jobs.tsv not found: is $run a run directory made by this script?"
+  while IFS=$'\t' read -r stage id log; do
+    read -r state reason <<<"$(job_state "$id")"
+    if [ -z "$state" ] && [ -s "$run/status/$stage" ]; then  # SLURM forgot it: the job's own record
+      mark=$(cat "$run/status/$stage")
+      state=FAILED; [[ $mark == exit=0\ * ]] && state=COMPLETED
+      reason=${mark%% *}
+    fi
+    state=${state:-UNKNOWN}
+    [ -e "$log" ] || log="-"
+    rows+=("$(printf '%-10s %-8s %-10s %-26s %s' "$stage" "$id" "$state" "${reason:-None}" "$log")")
+    case $state in
+      COMPLETED) ;;
+      CANCELLED) [ "$stage" = rollouts ] || [ "$reason" = DependencyNeverSatisfied ] || failed=${failed:-$stage:$id:$log} ;;
+      FAILED | TIMEOUT | NODE_FAIL | OUT_OF_MEMORY | BOOT_FAIL | DEADLINE | PREEMPTED | UNKNOWN)
+        failed=${failed:-$stage:$id:$log} ;;
+      *) [ "$stage" = rollouts ] || result=3 ;;
+    esac
+  done <"$run/jobs.tsv"
+  printf '%-10s %-8s %-10s %-26s %s\n' STAGE JOB STATE REASON LOG
+  printf '%s\n' "${rows[@]}"
+  if [ -n "$failed" ]; then
+    IFS=: read -r stage id log <<<"$failed"
+    echo "FAILED: stage $stage (job $id); its dependents were not run. Log: $log"
+    return 1
+  fi
+  if [ "$result" = 3 ]; then echo "RUNNING: the chain has not finished yet"; else echo "COMPLETED"; fi
+  return "$result"
+}
+
+if [ "${1:-}" = status ]; then
+  [ $# = 2 ] || die "usage: paced_two_stage.sh status RUN_DIR"
+  status "${2%/}"
+  exit $?
+fi
+
+# ---------------------------------------------------------------------------------------- submit
+case "${1:-}" in -h | --help | "") usage; exit 0 ;; -*) die "the first argument is the recipe name (see --help)" ;; esac
+PACED_RECIPE=$1
+shift
+DRY_RUN=0
+while [ $# -gt 0 ]; do
+  [ $# -ge 2 ] || case $1 in --dry-run | -h | --help) ;; *) die "$1 needs a value" ;; esac
+  # shellcheck disable=SC2034  # the settings are read through ${!var} below
+  case $1 in
+    --problems) PACED_PROBLEMS=$2 ;; --teacher) PACED_TEACHER=$2 ;; --student) PACED_STUDENT=$2 ;;
+    --benchmarks) PACED_BENCHMARKS=$2 ;; --run-dir) PACED_RUN_DIR=$2 ;; --k) PACED_K=$2 ;;
+    --engine) PACED_ENGINE=$2 ;; --eval-engine) PACED_EVAL_ENGINE=$2 ;;
+    --stage-split) PACED_STAGE_SPLIT=$2 ;; --train-args) PACED_TRAIN_ARGS=$2 ;;
+    --account) PACED_ACCOUNT=$2 ;; --partition) PACED_PARTITION=$2 ;; --qos) PACED_QOS=$2 ;;
+    --nodes) PACED_NODES=$2 ;; --gpus-per-node) PACED_GPUS_PER_NODE=$2 ;; --aux-gpus) PACED_AUX_GPUS=$2 ;;
+    --cpus-per-task) PACED_CPUS_PER_TASK=$2 ;; --time) PACED_TIME=$2 ;; --aux-time) PACED_AUX_TIME=$2 ;;
+    --service-time) PACED_SERVICE_TIME=$2 ;; --signal-seconds) PACED_SIGNAL_SECONDS=$2 ;;
+    --max-requeues) PACED_MAX_REQUEUES=$2 ;; --sbatch-args) PACED_SBATCH_ARGS=$2 ;;
+    --image) PACED_IMAGE=$2 ;; --mounts) PACED_MOUNTS=$2 ;; --fail-stage) PACED_FAIL_STAGE=$2 ;;
+    --dry-run) DRY_RUN=1; shift; continue ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+  shift 2
+done
+
+: "${PACED_K:=8}" "${PACED_ENGINE:=vllm}" "${PACED_EVAL_ENGINE:=hf}" "${PACED_STAGE_SPLIT:=0.5}"
+: "${PACED_NODES:=1}" "${PACED_GPUS_PER_NODE:=8}" "${PACED_AUX_GPUS:=1}" "${PACED_TIME:=04:00:00}"
+: "${PACED_AUX_TIME:=02:00:00}" "${PACED_SERVICE_TIME:=1-00:00:00}" "${PACED_SIGNAL_SECONDS:=300}"
+: "${PACED_MAX_REQUEUES:=10}" "${PACED_RUN_DIR:=runs/$PACED_RECIPE-$(date +%Y%m%d-%H%M%S)}"
+
+for var in PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS; do
+  [ -n "${!var:-}" ] || die "$var is not set: give --$(tr '[:upper:]_' '[:lower:]-' <<<"${var#PACED_}") (see --help)"
+done
+for var in PACED_K PACED_NODES PACED_GPUS_PER_NODE PACED_AUX_GPUS PACED_SIGNAL_SECONDS PACED_MAX_REQUEUES; do
+  [[ ${!var} =~ ^[0-9]+$ ]] || die "$var must be a whole number, got '${!var}'"
+done
+[ -z "${PACED_CPUS_PER_TASK:-}" ] || [[ $PACED_CPUS_PER_TASK =~ ^[1-9][0-9]*$ ]] ||
+  die "PACED_CPUS_PER_TASK must be a positive whole number, got '$PACED_CPUS_PER_TASK'"
+[[ $PACED_STAGE_SPLIT =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || die "PACED_STAGE_SPLIT must be a fraction in [0, 1], got '$PACED_STAGE_SPLIT'"
+case $PACED_ENGINE in hf | vllm) ;; *) die "PACED_ENGINE must be hf or vllm, got '$PACED_ENGINE'" ;; esac
+case $PACED_EVAL_ENGINE in hf | vllm) ;; *) die "PACED_EVAL_ENGINE must be hf or vllm, got '$PACED_EVAL_ENGINE'" ;; esac
+if [ -n "${PACED_FAIL_STAGE:-}" ] && [[ " ${STAGES[*]} " != *" $PACED_FAIL_STAGE "* ]]; then
+  die "PACED_FAIL_STAGE must be one of: ${STAGES[*]}; got '$PACED_FAIL_STAGE'"
+fi
+# Local paths become absolute (jobs may start elsewhere, or in a container); other values, such as
+# a Hugging Face dataset name, pass unchanged.
+absolute() { if [ -e "$1" ]; then realpath "$1"; else echo "$1"; fi; }
+PACED_PROBLEMS=$(absolute "$PACED_PROBLEMS")
+PACED_TEACHER=$(absolute "$PACED_TEACHER")
+PACED_STUDENT=$(absolute "$PACED_STUDENT")
+read -r -a benchmarks <<<"$PACED_BENCHMARKS"
+for i in "${!benchmarks[@]}"; do benchmarks[i]=$(absolute "${benchmarks[i]}"); done
+PACED_BENCHMARKS=${benchmarks[*]}
+mkdir_abs() { [ "$DRY_RUN" = 1 ] || mkdir -p "$1"; case $1 in /*) echo "${1%/}" ;; *) echo "$PWD/${1%/}" ;; esac; }
+RUN=$(mkdir_abs "$PACED_RUN_DIR")
+PACED_RUN_DIR=$RUN
+[ "$DRY_RUN" = 1 ] || [ ! -e "$RUN/jobs.tsv" ] || die "$RUN already holds a submitted chain (jobs.tsv); pick another --run-dir"
+
+# Flags shared by every job, then per kind.
+read -r -a common <<<"${PACED_SBATCH_ARGS:-}"
+common+=(--parsable --kill-on-invalid-dep=yes --open-mode=append)
+[ -n "${PACED_ACCOUNT:-}" ] && common+=(--account="$PACED_ACCOUNT")
+[ -n "${PACED_PARTITION:-}" ] && common+=(--partition="$PACED_PARTITION")
+[ -n "${PACED_QOS:-}" ] && common+=(--qos="$PACED_QOS")
+[ -n "${PACED_CPUS_PER_TASK:-}" ] && common+=(--cpus-per-task="$PACED_CPUS_PER_TASK")
+aux=(--nodes=1 --ntasks=1 --time="$PACED_AUX_TIME")
+[ "$PACED_AUX_GPUS" -gt 0 ] && aux+=(--gpus-per-node="$PACED_AUX_GPUS")
+service=(--nodes=1 --ntasks=1 --time="$PACED_SERVICE_TIME")
+[ "$PACED_AUX_GPUS" -gt 0 ] && service+=(--gpus-per-node="$PACED_AUX_GPUS")
+train=(--nodes="$PACED_NODES" --time="$PACED_TIME" --requeue --signal=B:USR1@"$PACED_SIGNAL_SECONDS")
+if [ "$PACED_GPUS_PER_NODE" -gt 0 ]; then
+  train+=(--ntasks-per-node="$PACED_GPUS_PER_NODE" --gpus-per-node="$PACED_GPUS_PER_NODE")
+else
+  train+=(--ntasks-per-node=1)
+fi
+small=(--nodes=1 --ntasks=1 --time=00:05:00)
+
+chain_env() {  # the settings every job reads, as a file bash can source
+  local var
+  for var in PACED_RECIPE PACED_RUN_DIR PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS PACED_K \
+    PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_ARGS PACED_IMAGE PACED_MOUNTS \
+    PACED_MAX_REQUEUES PACED_FAIL_STAGE; do
+    printf '%s=%q\n' "$var" "${!var:-}"
+  done
+}
+if [ "$DRY_RUN" = 1 ]; then
+  echo "# $RUN/chain.env, read by every job, would hold:"
+  chain_env | sed 's/^/#   /'
+  echo "# and $RUN/launch/ a copy of $HERE/jobs/."
+else
+  mkdir -p "$RUN/logs" "$RUN/launch"
+  cp "$HERE"/jobs/*.sh "$HERE"/jobs/*.sbatch "$RUN/launch/"
+  chain_env >"$RUN/chain.env"
+fi
+
+declare -A JOB
+submitted=()
+# submit STAGE SCRIPT DEPENDENCY [sbatch flags...] -- [script arguments...]
+submit() {
+  local stage=$1 script=$2 dep=$3 flags=() id
+  shift 3
+  while [ "$1" != -- ]; do flags+=("$1"); shift; done
+  shift
+  local cmd=(sbatch "${common[@]}" --job-name="paced-$stage" --output="$RUN/logs/$stage-%j.out" "${flags[@]}")
+  [ -n "$dep" ] && cmd+=(--dependency="$dep")
+  cmd+=("$RUN/launch/$script" "$RUN" "$stage" "$@")
+  if [ "$DRY_RUN" = 1 ]; then
+    # Placeholders ${JOB_x} stand for the ids the earlier commands print.
+    echo "JOB_$stage=\$($(printf '%q ' "${cmd[@]}" | sed 's/\\\$\\{\(JOB_[a-z0-9]*\)\\}/${\1}/g; s/ $//'))"
+    JOB[$stage]="\${JOB_$stage}"
+    return
+  fi
+  if ! id=$("${cmd[@]}"); then
+    echo "paced_two_stage.sh: sbatch failed for stage $stage; cancelling the jobs already submitted" >&2
+    [ ${#submitted[@]} -gt 0 ] && scancel "${submitted[@]}"
+    exit 1
+  fi
+  id=${id%%;*}
+  JOB[$stage]=$id
+  submitted+=("$id")
+  printf '%s\t%s\t%s\n' "$stage" "$id" "$RUN/logs/$stage-$id.out" >>"$RUN/jobs.tsv"
+  printf '%-10s %s\n' "$stage" "$id"
+}
+
+submit references references.sbatch "" "${aux[@]}" --
+submit rollouts rollouts.sbatch "" "${service[@]}" --
+submit estimate0 estimate.sbatch "after:${JOB[rollouts]}" "${aux[@]}" --
+submit stage1 train.sbatch "afterok:${JOB[references]}:${JOB[estimate0]}" "${train[@]}" -- fkl
+submit estimate1 estimate.sbatch "afterok:${JOB[stage1]}" "${aux[@]}" -- "$RUN/stage1/final"
+submit stage2 train.sbatch "afterok:${JOB[estimate1]}" "${train[@]}" -- rkl
+submit eval eval.sbatch "afterok:${JOB[stage2]}" "${aux[@]}" --
+submit finish finish.sbatch \
+  "afterany:${JOB[references]}:${JOB[estimate0]}:${JOB[stage1]}:${JOB[estimate1]}:${JOB[stage2]}:${JOB[eval]}" \
+  "${small[@]}" -- "${JOB[rollouts]}"
+if [ "$DRY_RUN" = 0 ]; then
+  echo "run directory: $RUN"
+  echo "follow it with: $0 status $RUN"
+fi
