@@ -48,6 +48,7 @@ class ChainConfig:
     time: str = "04:00:00"
     aux_time: str = "02:00:00"
     service_time: str = "1-00:00:00"
+    service_host: str | None = None
     signal_seconds: int = 300
     max_requeues: int = 10
     image: str | None = None
@@ -81,17 +82,20 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
         ranks = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS\n"
         return ranks + paced(
             "train", "--recipe", cfg.recipe, "--stage", objective, f"out={run}/{stage}", f"init={init}",
-            f"problems={cfg.problems}", f"references={run}/references.jsonl", f"passrates={run}/passrates.jsonl",
+            f"problems={cfg.problems}", f"references={run}/references.jsonl", f"passrates={run}/rollouts/passrates.jsonl",
             f"service={run}/rollouts.addr", f"stage_split={cfg.stage_split}", *cfg.train_args)
 
     estimate = ("estimate", "--service", f"{run}/rollouts.addr")
     return {
         "references": paced("make-references", "--teacher", cfg.teacher, "--problems", cfg.problems,
                             "--out", f"{run}/references.jsonl"),
-        "rollouts": f"echo $SLURM_JOB_ID > {q(run)}/rollouts.jobid\nrm -f {q(run)}/rollouts.addr\n" + paced(
-            "serve-rollouts", "--engine", cfg.engine, "--model", cfg.student, "--problems", cfg.problems,
-            "--k", str(cfg.k), "--port", "0", "--table", f"{run}/passrates.jsonl",
-            "--address-file", f"{run}/rollouts.addr"),
+        "rollouts": "\n".join([
+            f"echo $SLURM_JOB_ID > {q(run)}/rollouts.jobid", f"rm -f {q(run)}/rollouts.addr",
+            f"host={q(cfg.service_host)}" if cfg.service_host else "host=$(hostname -I | awk '{print $1}')",
+            f"(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {q(run)}/rollouts.token)",
+            paced("serve-rollouts", "--engine", cfg.engine, "--model", cfg.student, "--problems", cfg.problems,
+                  "--k", str(cfg.k), "--state-dir", f"{run}/rollouts", "--port", "0", "--token-file",
+                  f"{run}/rollouts.token", "--address-file", f"{run}/rollouts.addr") + ' --host "${host:-127.0.0.1}"']),
         "estimate0": paced(*estimate, "--wait"),
         "stage1": train("stage1", "fkl", cfg.student),
         "estimate1": paced(*estimate, "--checkpoint", f"{run}/stage1/final", "--wait"),
@@ -201,6 +205,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
     p.add_argument("--time", default=env("PACED_TIME", "04:00:00"), help="training job time limit")
     p.add_argument("--aux-time", default=env("PACED_AUX_TIME", "02:00:00"), help="reference/estimate/eval limit")
     p.add_argument("--service-time", default=env("PACED_SERVICE_TIME", "1-00:00:00"), help="rollout service limit")
+    p.add_argument("--service-host", default=env("PACED_SERVICE_HOST"),
+                   help="address the rollout service binds (default: its node's first `hostname -I` address)")
     p.add_argument("--signal-seconds", type=int, default=int(env("PACED_SIGNAL_SECONDS", "300")),
                    help="signal training jobs this long before their limit (default 300)")
     p.add_argument("--max-requeues", type=int, default=int(env("PACED_MAX_REQUEUES", "10")),
@@ -221,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
             eval_engine=a.eval_engine, stage_split=a.stage_split, train_args=a.train_args.split(),
             account=a.account, partition=a.partition, qos=a.qos, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
             aux_gpus=a.aux_gpus, cpus_per_task=a.cpus_per_task, time=a.time, aux_time=a.aux_time,
-            service_time=a.service_time, signal_seconds=a.signal_seconds, max_requeues=a.max_requeues,
+            service_time=a.service_time, service_host=a.service_host, signal_seconds=a.signal_seconds, max_requeues=a.max_requeues,
             image=a.image, mounts=[m for m in a.mounts.split(",") if m])
     except ValueError as e:
         p.error(str(e))

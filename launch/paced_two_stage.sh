@@ -44,6 +44,8 @@ Cluster:
   --time T              PACED_TIME         time limit of each training job (default 04:00:00)
   --aux-time T          PACED_AUX_TIME     time limit of the reference, estimate and eval jobs (default 02:00:00)
   --service-time T      PACED_SERVICE_TIME time limit of the rollout service (default 1-00:00:00)
+  --service-host H      PACED_SERVICE_HOST address the rollout service binds, reachable from the training
+                                           nodes (default: the service node's first `hostname -I` address)
   --signal-seconds S    PACED_SIGNAL_SECONDS  warn training jobs S seconds before the limit (default 300)
   --max-requeues N      PACED_MAX_REQUEUES how often a training job may requeue itself (default 10)
   --sbatch-args '..'    PACED_SBATCH_ARGS  extra flags for every sbatch call
@@ -129,7 +131,7 @@ while [ $# -gt 0 ]; do
     --account) PACED_ACCOUNT=$2 ;; --partition) PACED_PARTITION=$2 ;; --qos) PACED_QOS=$2 ;;
     --nodes) PACED_NODES=$2 ;; --gpus-per-node) PACED_GPUS_PER_NODE=$2 ;; --aux-gpus) PACED_AUX_GPUS=$2 ;;
     --cpus-per-task) PACED_CPUS_PER_TASK=$2 ;; --time) PACED_TIME=$2 ;; --aux-time) PACED_AUX_TIME=$2 ;;
-    --service-time) PACED_SERVICE_TIME=$2 ;; --signal-seconds) PACED_SIGNAL_SECONDS=$2 ;;
+    --service-time) PACED_SERVICE_TIME=$2 ;; --service-host) PACED_SERVICE_HOST=$2 ;; --signal-seconds) PACED_SIGNAL_SECONDS=$2 ;;
     --max-requeues) PACED_MAX_REQUEUES=$2 ;; --sbatch-args) PACED_SBATCH_ARGS=$2 ;;
     --image) PACED_IMAGE=$2 ;; --mounts) PACED_MOUNTS=$2 ;; --fail-stage) PACED_FAIL_STAGE=$2 ;;
     --dry-run) DRY_RUN=1; shift; continue ;;
@@ -195,7 +197,7 @@ chain_env() {  # the settings every job reads, as a file bash can source
   local var
   for var in PACED_RECIPE PACED_RUN_DIR PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS PACED_K \
     PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_ARGS PACED_IMAGE PACED_MOUNTS \
-    PACED_MAX_REQUEUES PACED_FAIL_STAGE; do
+    PACED_SERVICE_HOST PACED_MAX_REQUEUES PACED_FAIL_STAGE; do
     printf '%s=%q\n' "$var" "${!var:-}"
   done
 }
