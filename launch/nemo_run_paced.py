@@ -49,6 +49,7 @@ class ChainConfig:
     aux_time: str = "02:00:00"
     service_time: str = "1-00:00:00"
     service_host: str | None = None
+    service_wait: int = 1800
     signal_seconds: int = 300
     max_requeues: int = 10
     image: str | None = None
@@ -86,6 +87,9 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
             f"service={run}/rollouts.addr", f"stage_split={cfg.stage_split}", *cfg.train_args)
 
     estimate = ("estimate", "--service", f"{run}/rollouts.addr")
+    # The service needs a while to load its model before it publishes its address.
+    wait = (f"for _ in $(seq {max(cfg.service_wait // 2, 1)}); do [ -s {q(run)}/rollouts.addr ] && break; "
+            "sleep 2; done\n")
     return {
         "references": paced("make-references", "--teacher", cfg.teacher, "--problems", cfg.problems,
                             "--out", f"{run}/references.jsonl"),
@@ -96,9 +100,9 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
             paced("serve-rollouts", "--engine", cfg.engine, "--model", cfg.student, "--problems", cfg.problems,
                   "--k", str(cfg.k), "--state-dir", f"{run}/rollouts", "--port", "0", "--token-file",
                   f"{run}/rollouts.token", "--address-file", f"{run}/rollouts.addr") + ' --host "${host:-127.0.0.1}"']),
-        "estimate0": paced(*estimate, "--wait"),
+        "estimate0": wait + paced(*estimate, "--wait"),
         "stage1": train("stage1", "fkl", cfg.student),
-        "estimate1": paced(*estimate, "--checkpoint", f"{run}/stage1/final", "--wait"),
+        "estimate1": wait + paced(*estimate, "--checkpoint", f"{run}/stage1/final", "--wait"),
         "stage2": train("stage2", "rkl", f"{run}/stage1/final"),
         "eval": paced("eval", "--engine", cfg.eval_engine, "--model", f"{run}/stage2/final", "--benchmarks",
                       *cfg.benchmarks, "--out", f"{run}/eval.json"),
@@ -207,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
     p.add_argument("--service-time", default=env("PACED_SERVICE_TIME", "1-00:00:00"), help="rollout service limit")
     p.add_argument("--service-host", default=env("PACED_SERVICE_HOST"),
                    help="address the rollout service binds (default: its node's first `hostname -I` address)")
+    p.add_argument("--service-wait", type=int, default=int(env("PACED_SERVICE_WAIT", "1800")),
+                   help="how long estimate jobs wait for the service's address (default 1800)")
     p.add_argument("--signal-seconds", type=int, default=int(env("PACED_SIGNAL_SECONDS", "300")),
                    help="signal training jobs this long before their limit (default 300)")
     p.add_argument("--max-requeues", type=int, default=int(env("PACED_MAX_REQUEUES", "10")),
@@ -227,7 +233,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
             eval_engine=a.eval_engine, stage_split=a.stage_split, train_args=a.train_args.split(),
             account=a.account, partition=a.partition, qos=a.qos, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
             aux_gpus=a.aux_gpus, cpus_per_task=a.cpus_per_task, time=a.time, aux_time=a.aux_time,
-            service_time=a.service_time, service_host=a.service_host, signal_seconds=a.signal_seconds, max_requeues=a.max_requeues,
+            service_time=a.service_time, service_host=a.service_host, service_wait=a.service_wait,
+            signal_seconds=a.signal_seconds, max_requeues=a.max_requeues,
             image=a.image, mounts=[m for m in a.mounts.split(",") if m])
     except ValueError as e:
         p.error(str(e))

@@ -44,6 +44,7 @@ Cluster:
   --time T              PACED_TIME         time limit of each training job (default 04:00:00)
   --aux-time T          PACED_AUX_TIME     time limit of the reference, estimate and eval jobs (default 02:00:00)
   --service-time T      PACED_SERVICE_TIME time limit of the rollout service (default 1-00:00:00)
+  --service-wait S      PACED_SERVICE_WAIT how long estimate jobs wait for the service's address (default 1800)
   --service-host H      PACED_SERVICE_HOST address the rollout service binds, reachable from the training
                                            nodes (default: the service node's first `hostname -I` address)
   --signal-seconds S    PACED_SIGNAL_SECONDS  warn training jobs S seconds before the limit (default 300)
@@ -131,7 +132,8 @@ while [ $# -gt 0 ]; do
     --account) PACED_ACCOUNT=$2 ;; --partition) PACED_PARTITION=$2 ;; --qos) PACED_QOS=$2 ;;
     --nodes) PACED_NODES=$2 ;; --gpus-per-node) PACED_GPUS_PER_NODE=$2 ;; --aux-gpus) PACED_AUX_GPUS=$2 ;;
     --cpus-per-task) PACED_CPUS_PER_TASK=$2 ;; --time) PACED_TIME=$2 ;; --aux-time) PACED_AUX_TIME=$2 ;;
-    --service-time) PACED_SERVICE_TIME=$2 ;; --service-host) PACED_SERVICE_HOST=$2 ;; --signal-seconds) PACED_SIGNAL_SECONDS=$2 ;;
+    --service-time) PACED_SERVICE_TIME=$2 ;; --service-host) PACED_SERVICE_HOST=$2 ;;
+    --service-wait) PACED_SERVICE_WAIT=$2 ;; --signal-seconds) PACED_SIGNAL_SECONDS=$2 ;;
     --max-requeues) PACED_MAX_REQUEUES=$2 ;; --sbatch-args) PACED_SBATCH_ARGS=$2 ;;
     --image) PACED_IMAGE=$2 ;; --mounts) PACED_MOUNTS=$2 ;; --fail-stage) PACED_FAIL_STAGE=$2 ;;
     --dry-run) DRY_RUN=1; shift; continue ;;
@@ -144,12 +146,13 @@ done
 : "${PACED_K:=8}" "${PACED_ENGINE:=vllm}" "${PACED_EVAL_ENGINE:=hf}" "${PACED_STAGE_SPLIT:=0.5}"
 : "${PACED_NODES:=1}" "${PACED_GPUS_PER_NODE:=8}" "${PACED_AUX_GPUS:=1}" "${PACED_TIME:=04:00:00}"
 : "${PACED_AUX_TIME:=02:00:00}" "${PACED_SERVICE_TIME:=1-00:00:00}" "${PACED_SIGNAL_SECONDS:=300}"
-: "${PACED_MAX_REQUEUES:=10}" "${PACED_RUN_DIR:=runs/$PACED_RECIPE-$(date +%Y%m%d-%H%M%S)}"
+: "${PACED_MAX_REQUEUES:=10}" "${PACED_SERVICE_WAIT:=1800}" "${PACED_RUN_DIR:=runs/$PACED_RECIPE-$(date +%Y%m%d-%H%M%S)}"
 
 for var in PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS; do
   [ -n "${!var:-}" ] || die "$var is not set: give --$(tr '[:upper:]_' '[:lower:]-' <<<"${var#PACED_}") (see --help)"
 done
-for var in PACED_K PACED_NODES PACED_GPUS_PER_NODE PACED_AUX_GPUS PACED_SIGNAL_SECONDS PACED_MAX_REQUEUES; do
+for var in PACED_K PACED_NODES PACED_GPUS_PER_NODE PACED_AUX_GPUS PACED_SIGNAL_SECONDS PACED_MAX_REQUEUES \
+  PACED_SERVICE_WAIT; do
   [[ ${!var} =~ ^[0-9]+$ ]] || die "$var must be a whole number, got '${!var}'"
 done
 [ -z "${PACED_CPUS_PER_TASK:-}" ] || [[ $PACED_CPUS_PER_TASK =~ ^[1-9][0-9]*$ ]] ||
@@ -197,7 +200,7 @@ chain_env() {  # the settings every job reads, as a file bash can source
   local var
   for var in PACED_RECIPE PACED_RUN_DIR PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS PACED_K \
     PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_ARGS PACED_IMAGE PACED_MOUNTS \
-    PACED_SERVICE_HOST PACED_MAX_REQUEUES PACED_FAIL_STAGE; do
+    PACED_SERVICE_HOST PACED_SERVICE_WAIT PACED_MAX_REQUEUES PACED_FAIL_STAGE; do
     printf '%s=%q\n' "$var" "${!var:-}"
   done
 }
@@ -242,9 +245,9 @@ submit() {
 
 submit references references.sbatch "" "${aux[@]}" --
 submit rollouts rollouts.sbatch "" "${service[@]}" --
-submit estimate0 estimate.sbatch "after:${JOB[rollouts]}" "${aux[@]}" --
+submit estimate0 estimate.sbatch "after:${JOB[rollouts]}" "${aux[@]}" -- "${JOB[rollouts]}"
 submit stage1 train.sbatch "afterok:${JOB[references]}:${JOB[estimate0]}" "${train[@]}" -- fkl
-submit estimate1 estimate.sbatch "afterok:${JOB[stage1]}" "${aux[@]}" -- "$RUN/stage1/final"
+submit estimate1 estimate.sbatch "afterok:${JOB[stage1]}" "${aux[@]}" -- "${JOB[rollouts]}" "$RUN/stage1/final"
 submit stage2 train.sbatch "afterok:${JOB[estimate1]}" "${train[@]}" -- rkl
 submit eval eval.sbatch "afterok:${JOB[stage2]}" "${aux[@]}" --
 submit finish finish.sbatch \

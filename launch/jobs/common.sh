@@ -45,3 +45,22 @@ fi
 paced() {
   srun "${PACED_SRUN_ARGS[@]}" --ntasks=1 nemo-paced "$@"
 }
+
+# Wait until the rollout service (job $1) has published RUN_DIR/rollouts.addr. Fails at once when
+# the service job is no longer running, and after PACED_SERVICE_WAIT seconds (default 1800).
+paced_wait_for_service() {
+  local addr=$PACED_RUN_DIR/rollouts.addr deadline=$((SECONDS + ${PACED_SERVICE_WAIT:-1800})) state
+  until [ -s "$addr" ]; do
+    state=$(squeue -h -j "$1" -o %T 2>/dev/null || true)
+    if [ "$state" != RUNNING ]; then
+      echo "[paced] the rollout service (job $1) is ${state:-no longer queued} and never published $addr;" \
+        "see its log in $PACED_RUN_DIR/logs/" >&2
+      return 1
+    fi
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "[paced] the rollout service (job $1) did not publish $addr within ${PACED_SERVICE_WAIT:-1800} s" >&2
+      return 1
+    fi
+    sleep 2
+  done
+}
