@@ -1,0 +1,12 @@
+"""PACED distillation inside megatron-core and Megatron Bridge.
+
+- `criterion`: the Paced KL as a ModelOpt criterion on vocabulary-parallel logit shards.
+- `step`: the forward step that carries each sequence's weight to the loss and normalises by the
+  global weight sum of the step.
+- `teacher`: the frozen teacher: compatibility checks and ModelOpt conversion for megatron-core models.
+- `bridge`: Megatron Bridge glue (providers, the refresh callback, the training entry); Bridge is
+  imported only there, and only when called.
+
+Submodules are imported explicitly (`from nemo_paced.megatron.step import PacedForwardStep`), so
+importing this package stays free of megatron imports.
+"""

@@ -1,0 +1,329 @@
+"""The Paced distillation step through megatron-core's real schedules, on CPU under gloo.
+
+Tiny GPT teacher and student (megatron-core local layer spec) are distilled with ModelOpt's
+distillation model, the Paced KL criterion and `PacedForwardStep`, wrapped in megatron DDP with
+`finalize_model_grads`, exactly as a GPU run is. Every layout (TP=2, PP=2 with DP=2, TP=2 x PP=2)
+starts from the same master weights and sees the same global batch as a TP=1, PP=1 reference, and
+must reproduce its losses and student gradients. The reference run also checks the weighting
+against the hand formula  grad L = sum_x w_x grad l_x / sum_x w_x.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from gloo_ranks import run_ranks
+
+pytestmark = pytest.mark.distributed
+
+VOCAB, SEQ, GLOBAL_BATCH, MICRO = 96, 8, 8, 2
+STUDENT = dict(num_layers=2, hidden_size=16, num_attention_heads=4)
+TEACHER = dict(num_layers=2, hidden_size=32, num_attention_heads=4)
+WEIGHTS = [0.25, 0.0, 0.5, 0.125, 1.0, 0.75, 0.1875, 0.25]
+PASS_RATES = [0.5, 1.0, 0.5, 0.125, 0.5, 0.25, 0.75, 0.875]
+STEPS, LR = 4, 0.2
+
+
+# --- data and models (run inside the spawned ranks) ----------------------------------------------
+
+def global_batch(weights=WEIGHTS) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=g)
+    loss_mask = torch.ones(GLOBAL_BATCH, SEQ)
+    loss_mask[:, :3] = 0  # prompt tokens
+    loss_mask[2, 6:] = 0  # padding
+    loss_mask[6] = 0  # a sequence with no response tokens: it must count for nothing
+    return dict(tokens=tokens, labels=torch.roll(tokens, -1, 1), loss_mask=loss_mask,
+                position_ids=torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ).clone(),
+                sample_weight=torch.tensor(weights, dtype=torch.float32),
+                pass_rate=torch.tensor(PASS_RATES, dtype=torch.float32))
+
+
+def microbatches(batch, rows: range, size: int) -> list[dict[str, torch.Tensor]]:
+    rows = list(rows)
+    return [{k: v[rows[i:i + size]] for k, v in batch.items()} for i in range(0, len(rows), size)]
+
+
+def _global_name(name: str, layer_offset: int) -> str:
+    return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + layer_offset}.", name)
+
+
+def _layer_offset(config) -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_rank() * (config.num_layers // config.pipeline_model_parallel_size)
+
+
+def load_master_weights(model, seed: int, gain: float) -> None:
+    """Give every parameter a value that depends only on its global name, then take this rank's shard,
+    so all layouts hold the same model as the TP=1, PP=1 reference."""
+    from megatron.core import parallel_state as ps
+
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    offset = _layer_offset(model.config)
+    for name, param in model.named_parameters():
+        sharded = getattr(param, "tensor_model_parallel", False)
+        shape = list(param.shape)
+        if sharded:
+            shape[param.partition_dim] *= tp
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(_global_name(name, offset).encode()))
+        full = torch.randn(shape, generator=g)
+        if full.dim() == 2:
+            full *= gain / shape[-1] ** 0.5
+        elif "norm" in name and name.endswith("weight"):
+            full = 1 + 0.1 * full
+        else:
+            full *= 0.02
+        param.data.copy_(full.chunk(tp, param.partition_dim)[tp_rank] if sharded else full)
+
+
+def gpt(shape: dict, seed: int, gain: float, tp: int, pp: int):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(**shape, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                               pipeline_dtype=torch.float32, use_cpu_initialization=True, hidden_dropout=0.0,
+                               attention_dropout=0.0, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
+                               masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
+                               calculate_per_token_loss=True)
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                     share_embeddings_and_output_weights=False)
+    load_master_weights(model, seed, gain)
+    return model
+
+
+class Harness:
+    """One rank's distillation model, DDP wrapper and a `step` that runs the real schedule once."""
+
+    def __init__(self, tp: int, pp: int, stage: str = "fkl"):
+        import megatron_shims
+
+        megatron_shims.apply()
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        from nemo_paced.megatron.teacher import distillation_model
+
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        self.ps, self.tp = ps, tp
+        self.teacher = gpt(TEACHER, seed=2, gain=3.0, tp=tp, pp=pp)
+        self.kd = distillation_model(gpt(STUDENT, seed=1, gain=1.0, tp=tp, pp=pp), self.teacher, stage)
+        self.kd.config.finalize_model_grads_func = finalize_model_grads
+        self.ddp = DistributedDataParallel(self.kd.config, DistributedDataParallelConfig(
+            use_distributed_optimizer=False, overlap_grad_reduce=False), self.kd)
+        self.student_params = {n: p for n, p in self.kd.named_parameters() if p.requires_grad}
+        self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+    def my_rows(self) -> range:
+        per_rank = GLOBAL_BATCH // self.dp
+        return range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
+
+    def step(self, mbs: list[dict], micro: int, forward_step=None) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from modelopt.torch.distill.plugins.megatron import get_tensor_shapes_adjust_fn_for_distillation
+
+        from nemo_paced.megatron.step import PacedForwardStep
+
+        self.ddp.zero_grad_buffer()
+        return get_forward_backward_func()(
+            forward_step_func=forward_step or PacedForwardStep(num_microbatches=len(mbs)),
+            data_iterator=iter(mbs), model=[self.ddp], num_microbatches=len(mbs), seq_length=SEQ,
+            micro_batch_size=micro, decoder_seq_length=SEQ, forward_only=False,
+            adjust_tensor_shapes_fn=get_tensor_shapes_adjust_fn_for_distillation(
+                self.ddp, seq_length=SEQ, micro_batch_size=micro, decoder_seq_length=SEQ))
+
+    def full_grads(self) -> dict[str, torch.Tensor]:
+        """Student gradients by global name, TP shards gathered (complete on TP rank 0)."""
+        import torch.distributed as dist
+
+        offset = _layer_offset(self.kd.config)
+        grads = {}
+        for name, param in self.student_params.items():
+            grad = param.main_grad.detach().clone()
+            if getattr(param, "tensor_model_parallel", False) and self.tp > 1:
+                parts = [torch.empty_like(grad) for _ in range(self.tp)]
+                dist.all_gather(parts, grad.contiguous(), group=self.ps.get_tensor_model_parallel_group())
+                grad = torch.cat(parts, param.partition_dim)
+            grads[_global_name(name, offset)] = grad
+        return grads
+
+    def sgd(self) -> None:
+        with torch.no_grad():
+            for param in self.student_params.values():
+                param.add_(param.main_grad, alpha=-LR)
+
+
+def _paced_sums(reports: list[dict]) -> torch.Tensor:
+    return sum((r["paced kl"] for r in reports), torch.zeros(2))
+
+
+def to_numpy(obj):
+    """Tensors become numpy arrays: torch tensors sent through the result queue share memory with a
+    process that has exited by the time the test reads them."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().numpy()
+    if isinstance(obj, dict):
+        return {k: to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_numpy(v) for v in obj)
+    return obj
+
+
+def layout_run(rank: int, world_size: int, tp: int, pp: int, stage: str) -> dict:
+    return to_numpy(train(Harness(tp, pp, stage)))
+
+
+def train(h: Harness) -> dict:
+    """STEPS SGD steps on the global batch; the first step's gradients; teacher checks."""
+    from nemo_paced.megatron.teacher import check_frozen
+
+    teacher_before = {k: v.clone() for k, v in h.teacher.state_dict().items() if isinstance(v, torch.Tensor)}
+    student_before = {n: p.detach().clone() for n, p in h.student_params.items()}
+    batch = global_batch()
+    sums, grads, report = [], None, None
+    for step in range(STEPS):
+        reports = h.step(microbatches(batch, h.my_rows(), MICRO), MICRO)
+        sums.append(_paced_sums(reports) if reports else None)
+        if step == 0:
+            grads, report = h.full_grads(), reports
+        h.sgd()
+    check_frozen(h.kd)
+    teacher_after = h.teacher.state_dict()
+    return dict(
+        is_last=h.ps.is_pipeline_last_stage(), tp_rank=h.ps.get_tensor_model_parallel_rank(), dp_rank=h.dp_rank,
+        sums=sums, grads=grads, report=report,
+        teacher_unchanged=all(torch.equal(v, teacher_after[k]) for k, v in teacher_before.items()),
+        student_changed=all(not torch.equal(p, student_before[n]) for n, p in h.student_params.items()),
+    )
+
+
+def reference_run(rank: int, world_size: int) -> dict:
+    """TP=1, PP=1: the layout reference plus the weighting checks, all at the initial weights."""
+    from nemo_paced.megatron.step import PacedForwardStep
+
+    h = Harness(1, 1)
+    rows = range(GLOBAL_BATCH)
+
+    def run(weights, micro=MICRO, forward_step=None):
+        reports = h.step(microbatches(global_batch(weights), rows, micro), micro, forward_step)
+        return _paced_sums(reports), h.full_grads(), reports
+
+    one_hot = [run([1.0 if j == i else 0.0 for j in range(GLOBAL_BATCH)]) for i in range(GLOBAL_BATCH)]
+    doubled = list(WEIGHTS)
+    doubled[2] *= 2
+    zero_first = [0.0] * MICRO + WEIGHTS[MICRO:]
+    bridge_step = PacedForwardStep(num_microbatches=GLOBAL_BATCH // MICRO)
+    out = dict(
+        per_sequence=[(s, g) for s, g, _ in one_hot],
+        base=run(WEIGHTS)[:2],
+        doubled=run(doubled)[:2],
+        split_1=run(WEIGHTS, micro=1)[:2],
+        split_4=run(WEIGHTS, micro=4)[:2],
+        zero_microbatch=run(zero_first),
+        all_zero=run([0.0] * GLOBAL_BATCH)[:2],
+        bridge_signature=run(WEIGHTS, forward_step=lambda it, m: bridge_step("state", it, m, False))[:2],
+    )
+    out["layout"] = train(h)
+    return to_numpy(out)
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+def _close(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def _hand(weights, per_sequence) -> tuple[float, dict]:
+    """L and grad L from the per-sequence losses l_x and gradients grad l_x, by the formula."""
+    counted = [w if s[1] > 0 else 0.0 for w, (s, _) in zip(weights, per_sequence)]
+    total = sum(counted)
+    loss = sum(w * s[0].item() for w, (s, _) in zip(counted, per_sequence)) / total
+    names = per_sequence[0][1].keys()
+    grads = {n: sum(w * g[n] for w, (_, g) in zip(counted, per_sequence)) / total for n in names}
+    return loss, grads
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_ranks(reference_run, 1)[0]
+
+
+def test_loss_and_gradients_follow_the_weighted_formula(reference):
+    per_sequence = reference["per_sequence"]
+    assert per_sequence[6][0][1] == 0, "a sequence without response tokens must carry no weight"
+    for name, weights in (("base", WEIGHTS), ("doubled", WEIGHTS[:2] + [WEIGHTS[2] * 2] + WEIGHTS[3:])):
+        sums, grads = reference[name]
+        loss, hand_grads = _hand(weights, per_sequence)
+        assert sums[0].item() / sums[1].item() == pytest.approx(loss, rel=1e-5)
+        _close(grads, hand_grads)
+    # doubling one problem's weight really moved the gradient
+    assert any(not np.allclose(reference["base"][1][n], reference["doubled"][1][n]) for n in reference["base"][1])
+
+
+def test_normalisation_does_not_depend_on_the_micro_batch_split(reference):
+    base_sums, base_grads = reference["base"]
+    for key in ("split_1", "split_4", "bridge_signature"):
+        sums, grads = reference[key]
+        torch.testing.assert_close(sums, base_sums, rtol=1e-5, atol=1e-6)
+        _close(grads, base_grads)
+
+
+def test_zero_weights_give_zero_loss_and_no_nan(reference):
+    sums, grads, reports = reference["zero_microbatch"]
+    assert reports[0]["paced kl"][1] == 0 and np.isfinite(reports[0]["paced kl"]).all()
+    _, hand_grads = _hand([0.0] * MICRO + WEIGHTS[MICRO:], reference["per_sequence"])
+    _close(grads, hand_grads)
+    sums, grads = reference["all_zero"]
+    assert sums.tolist() == [0.0, 0.0]
+    assert all(not g.any() for g in grads.values())
+
+
+def test_report_holds_kl_weights_ess_and_pass_rate_bins(reference):
+    reports = reference["layout"]["report"]
+    total = lambda key: sum(r[key] for r in reports)
+    assert total("mean weight")[0] / total("mean weight")[1] == pytest.approx(sum(WEIGHTS) / len(WEIGHTS))
+    counted = [w for i, w in enumerate(WEIGHTS) if i != 6]
+    ess = sum(counted) ** 2 / sum(w * w for w in counted)
+    assert total("weight ess")[0] / total("weight ess")[1] == pytest.approx(ess, rel=1e-6)
+    ell = [s[0].item() for s, _ in reference["per_sequence"]]
+    assert total("kl")[1] == GLOBAL_BATCH - 1
+    assert total("kl")[0] == pytest.approx(sum(ell), rel=1e-5)
+    bin_half = total("kl pass [0.50,0.75)")
+    assert bin_half[1] == 3 and bin_half[0] == pytest.approx(ell[0] + ell[2] + ell[4], rel=1e-5)
+    assert total("kl pass [0.75,1.00]")[1] == 2  # sequence 6 (no tokens) is left out
+
+
+def test_training_reduces_kl_and_leaves_teacher_untouched(reference):
+    run = reference["layout"]
+    kl = [s[0].item() / s[1].item() for s in run["sums"]]
+    assert all(b < a for a, b in zip(kl, kl[1:])), kl
+    assert run["teacher_unchanged"] and run["student_changed"]
+
+
+@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 4), (2, 2, 4)], ids=["tp2", "pp2-dp2", "tp2xpp2"])
+def test_parallel_layout_matches_single_process(reference, tp, pp, world):
+    ranks = run_ranks(layout_run, world, tp, pp, "fkl")
+    ref = reference["layout"]
+    last = [r for r in ranks if r["is_last"]]
+    for step, ref_sums in enumerate(ref["sums"]):  # the whole SGD trajectory, not just the first step
+        total = sum({r["dp_rank"]: r["sums"][step] for r in last}.values())
+        assert (total[0] / total[1]).item() == pytest.approx((ref_sums[0] / ref_sums[1]).item(), rel=1e-4)
+    grads = {}
+    for r in ranks:
+        if r["tp_rank"] == 0 and r["dp_rank"] == 0:
+            grads.update(r["grads"])
+    _close(grads, ref["grads"])
+    assert all(r["teacher_unchanged"] and r["student_changed"] for r in ranks)
