@@ -38,6 +38,9 @@ class ChainConfig:
     eval_engine: str = "hf"
     stage_split: float = 0.5
     train_args: list[str] = field(default_factory=list)
+    service_args: list[str] = field(default_factory=list)
+    reference_args: list[str] = field(default_factory=list)
+    eval_args: list[str] = field(default_factory=list)
     account: str = ""
     partition: str | None = None
     qos: str | None = None
@@ -92,20 +95,20 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
             "sleep 2; done\n")
     return {
         "references": paced("make-references", "--teacher", cfg.teacher, "--problems", cfg.problems,
-                            "--out", f"{run}/references.jsonl"),
+                            "--out", f"{run}/references.jsonl", *cfg.reference_args),
         "rollouts": "\n".join([
             f"echo $SLURM_JOB_ID > {q(run)}/rollouts.jobid", f"rm -f {q(run)}/rollouts.addr",
             f"host={q(cfg.service_host)}" if cfg.service_host else "host=$(hostname -I | awk '{print $1}')",
             f"(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {q(run)}/rollouts.token)",
             paced("serve-rollouts", "--engine", cfg.engine, "--model", cfg.student, "--problems", cfg.problems,
                   "--k", str(cfg.k), "--state-dir", f"{run}/rollouts", "--port", "0", "--token-file",
-                  f"{run}/rollouts.token", "--address-file", f"{run}/rollouts.addr") + ' --host "${host:-127.0.0.1}"']),
+                  f"{run}/rollouts.token", "--address-file", f"{run}/rollouts.addr", *cfg.service_args) + ' --host "${host:-127.0.0.1}"']),
         "estimate0": wait + paced(*estimate, "--wait"),
         "stage1": train("stage1", "fkl", cfg.student),
         "estimate1": wait + paced(*estimate, "--checkpoint", f"{run}/stage1/final", "--wait"),
         "stage2": train("stage2", "rkl", f"{run}/stage1/final"),
         "eval": paced("eval", "--engine", cfg.eval_engine, "--model", f"{run}/stage2/final", "--benchmarks",
-                      *cfg.benchmarks, "--out", f"{run}/eval.json"),
+                      *cfg.benchmarks, "--out", f"{run}/eval.json", *cfg.eval_args),
         "finish": f"scancel $(cat {q(run)}/rollouts.jobid)",
     }
 
@@ -196,6 +199,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
     p.add_argument("--stage-split", type=float, default=float(env("PACED_STAGE_SPLIT", "0.5")),
                    help="fraction of the recipe's steps in stage 1 (default 0.5)")
     p.add_argument("--train-args", default=env("PACED_TRAIN_ARGS", ""), help="extra recipe overrides 'k=v ...'")
+    p.add_argument("--service-args", default=env("PACED_SERVICE_ARGS", ""), help="extra serve-rollouts flags")
+    p.add_argument("--reference-args", default=env("PACED_REFERENCE_ARGS", ""), help="extra make-references flags")
+    p.add_argument("--eval-args", default=env("PACED_EVAL_ARGS", ""), help="extra eval flags")
     p.add_argument("--account", default=env("PACED_ACCOUNT", ""), help="sbatch --account")
     p.add_argument("--partition", default=env("PACED_PARTITION"), help="sbatch --partition")
     p.add_argument("--qos", default=env("PACED_QOS"), help="sbatch --qos")
@@ -231,6 +237,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
             recipe=a.recipe, problems=local(a.problems), teacher=local(a.teacher), student=local(a.student),
             benchmarks=[local(b) for b in a.benchmarks.split()], run_dir=run_dir, k=a.k, engine=a.engine,
             eval_engine=a.eval_engine, stage_split=a.stage_split, train_args=a.train_args.split(),
+            service_args=a.service_args.split(), reference_args=a.reference_args.split(),
+            eval_args=a.eval_args.split(),
             account=a.account, partition=a.partition, qos=a.qos, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
             aux_gpus=a.aux_gpus, cpus_per_task=a.cpus_per_task, time=a.time, aux_time=a.aux_time,
             service_time=a.service_time, service_host=a.service_host, service_wait=a.service_wait,

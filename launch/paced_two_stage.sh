@@ -33,6 +33,9 @@ Data and models:
   --eval-engine hf|vllm PACED_EVAL_ENGINE  evaluation engine (default hf)
   --stage-split F       PACED_STAGE_SPLIT  fraction of the recipe's steps spent in stage 1 (default 0.5)
   --train-args 'k=v ..' PACED_TRAIN_ARGS   extra recipe overrides for both training stages
+  --service-args '..'   PACED_SERVICE_ARGS extra flags for `nemo-paced serve-rollouts` (e.g. '--template raw')
+  --reference-args '..' PACED_REFERENCE_ARGS  extra flags for `nemo-paced make-references`
+  --eval-args '..'      PACED_EVAL_ARGS    extra flags for `nemo-paced eval` (e.g. '--n 8 --max-tokens 2048')
 Cluster:
   --account A           PACED_ACCOUNT      sbatch --account
   --partition P         PACED_PARTITION    sbatch --partition
@@ -129,6 +132,8 @@ while [ $# -gt 0 ]; do
     --benchmarks) PACED_BENCHMARKS=$2 ;; --run-dir) PACED_RUN_DIR=$2 ;; --k) PACED_K=$2 ;;
     --engine) PACED_ENGINE=$2 ;; --eval-engine) PACED_EVAL_ENGINE=$2 ;;
     --stage-split) PACED_STAGE_SPLIT=$2 ;; --train-args) PACED_TRAIN_ARGS=$2 ;;
+    --service-args) PACED_SERVICE_ARGS=$2 ;; --reference-args) PACED_REFERENCE_ARGS=$2 ;;
+    --eval-args) PACED_EVAL_ARGS=$2 ;;
     --account) PACED_ACCOUNT=$2 ;; --partition) PACED_PARTITION=$2 ;; --qos) PACED_QOS=$2 ;;
     --nodes) PACED_NODES=$2 ;; --gpus-per-node) PACED_GPUS_PER_NODE=$2 ;; --aux-gpus) PACED_AUX_GPUS=$2 ;;
     --cpus-per-task) PACED_CPUS_PER_TASK=$2 ;; --time) PACED_TIME=$2 ;; --aux-time) PACED_AUX_TIME=$2 ;;
@@ -199,7 +204,7 @@ small=(--nodes=1 --ntasks=1 --time=00:05:00)
 chain_env() {  # the settings every job reads, as a file bash can source
   local var
   for var in PACED_RECIPE PACED_RUN_DIR PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS PACED_K \
-    PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_ARGS PACED_IMAGE PACED_MOUNTS \
+    PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_ARGS PACED_SERVICE_ARGS PACED_REFERENCE_ARGS PACED_EVAL_ARGS PACED_IMAGE PACED_MOUNTS \
     PACED_SERVICE_HOST PACED_SERVICE_WAIT PACED_MAX_REQUEUES PACED_FAIL_STAGE; do
     printf '%s=%q\n' "$var" "${!var:-}"
   done
