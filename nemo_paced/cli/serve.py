@@ -1,0 +1,189 @@
+"""`nemo-paced serve-rollouts`: run the rollout service (see nemo_paced.rollout.service)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from nemo_paced.rollout import TOKEN_ENV
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine and sampling options shared with `nemo-paced eval`."""
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="hf: transformers (CPU or GPU); vllm: in-process vLLM (production). Default hf")
+    parser.add_argument("--model", required=True, help="model directory (Hugging Face format, safetensors)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    parser.add_argument("--dtype", default=None, help="weights dtype (hf default float32, vllm default auto)")
+    parser.add_argument("--device", help="hf engine device (default cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="hf engine: most sequences (prompts x samples) per generate call (default 64)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine: tensor parallelism")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm engine (default 0.9)")
+    parser.add_argument("--max-model-len", type=int, help="vllm engine: context length (default: the model's)")
+    parser.add_argument("--verifier", default="math_boxed",
+                        help="math_boxed (default), exact, integer, or an import path package.module:function "
+                             "taking (completion, answer) and returning true/false")
+    parser.add_argument("--template", choices=["raw", "plain", "chat"], default="plain",
+                        help="prompt rendering: raw question; plain = question + the paper's \\boxed{} suffix "
+                             "(default); chat = the tokenizer's chat template around the plain text")
+    parser.add_argument("--fields", help="where fields live in the data rows, e.g. "
+                                         "id=uid,prompt=question,answer=reward_model.ground_truth")
+    parser.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="longest response in tokens (default 1024)")
+    parser.add_argument("--batch-problems", type=int, default=16, help="problems per engine call (default 16)")
+    parser.add_argument("--seed", type=int, help="sampling seed (default: fresh randomness)")
+
+
+def build_engine(args: argparse.Namespace):
+    from nemo_paced.rollout.engines import create_engine
+
+    if args.engine == "hf":
+        options = {"tokenizer": args.tokenizer, "device": args.device, "dtype": args.dtype or "float32",
+                   "batch_size": args.batch_size}
+    else:
+        options = {"tokenizer": args.tokenizer, "dtype": args.dtype or "auto", "seed": args.seed or 0,
+                   "tensor_parallel_size": args.tensor_parallel_size,
+                   "gpu_memory_utilization": args.gpu_memory_utilization,
+                   **({"max_model_len": args.max_model_len} if args.max_model_len else {})}
+    return create_engine(args.engine, args.model, **options)
+
+
+def field_map(spec: str | None):
+    from nemo_paced.problems import FieldMap
+
+    return FieldMap() if spec is None else FieldMap.parse(spec)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve-rollouts", help="serve student rollouts, pass-rate estimation and on-policy samples over HTTP",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Hold the student's current weights in an inference engine and serve, over HTTP: "
+                    "pass-rate estimation jobs (K verified samples per problem, merged into a pass-rate "
+                    "table saved atomically after every batch), the table itself, on-policy samples with "
+                    "token ids and log-probs for reverse KL, weight reloads, /health and /metrics.",
+        epilog="The service binds 127.0.0.1 unless --host says otherwise; any other address needs a bearer "
+               f"token (--token-file, or the variable named by --token-env, default ${TOKEN_ENV}), which "
+               "every request must then carry. State (the table passrates.jsonl, loaded checkpoint and "
+               "unfinished jobs) lives in --state-dir; a restart resumes from it.\n\n"
+               "Example (standalone):\n"
+               "  nemo-paced serve-rollouts --model student/ --problems train.jsonl --state-dir runs/rollout \\\n"
+               "      --port 0 --address-file runs/rollout/address.json\n"
+               "  nemo-paced estimate --service runs/rollout/address.json --wait")
+    add_engine_arguments(parser)
+    parser.add_argument("--problems", required=True, help="training problems: JSONL/JSON/Parquet file or dataset name")
+    parser.add_argument("--limit", type=int, help="use only the first N problems")
+    parser.add_argument("--state-dir", required=True, help="directory for the pass-rate table and service state")
+    parser.add_argument("--k", type=int, default=8, help="samples per problem for estimation (default 8)")
+    parser.add_argument("--update-mode", choices=["replace", "accumulate"], default="replace",
+                        help="replace: new estimates replace old ones (default); accumulate: old counts decay "
+                             "by --decay and new ones add")
+    parser.add_argument("--decay", type=float, default=0.5, help="decay of old counts in accumulate mode")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--address-file", help="after binding, write {url, host, port, pid, token_file or "
+                                               "token_env, state_dir} here atomically, for clients to find the service")
+    parser.add_argument("--token-file", help="file holding the bearer token")
+    parser.add_argument("--token-env", default=TOKEN_ENV,
+                        help=f"environment variable holding the bearer token (default {TOKEN_ENV})")
+    parser.add_argument("--max-k", type=int, default=64, help="largest K or n a request may ask for (default 64)")
+    parser.add_argument("--max-batch", type=int, default=1024, help="most problems per /sample request")
+    parser.add_argument("--max-request-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
+    parser.add_argument("--log-level", default="info", help="uvicorn and service log level (default info)")
+    parser.set_defaults(handler=serve)
+
+
+def _token(args: argparse.Namespace) -> tuple[str | None, dict[str, str]]:
+    """The bearer token and how the address file tells clients to find it (never the token itself)."""
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+        if not token:
+            raise SystemExit(f"nemo-paced serve-rollouts: --token-file {args.token_file} is empty")
+        return token, {"token_file": os.path.abspath(args.token_file)}
+    token = os.environ.get(args.token_env) or None
+    return token, ({"token_env": args.token_env} if token else {})
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    import logging
+    import socket
+    from pathlib import Path
+
+    token, token_hint = _token(args)
+    if token is None and not _is_loopback(args.host):
+        raise SystemExit(f"nemo-paced serve-rollouts: --host {args.host} is not a loopback address, so a bearer "
+                         f"token is required: set ${args.token_env} or pass --token-file")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from nemo_paced.atomic import atomic_write_json
+    from nemo_paced.problems import load_problems
+    from nemo_paced.rollout.service import RolloutService, ServiceConfig, create_app
+    from nemo_paced.rollout.verifiers import resolve
+
+    try:
+        config = ServiceConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                               template=args.template, batch_problems=args.batch_problems, seed=args.seed,
+                               update_mode=args.update_mode, decay=args.decay, max_k=args.max_k,
+                               max_batch=args.max_batch, max_request_bytes=args.max_request_bytes, token=token)
+        verifier = resolve(args.verifier)
+        problems = load_problems(args.problems, fields=field_map(args.fields), split=args.split, limit=args.limit)
+    except ValueError as e:
+        raise SystemExit(f"nemo-paced serve-rollouts: {e}") from None
+    service = RolloutService(build_engine(args), problems, verifier, args.state_dir, config)
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise SystemExit(f"nemo-paced serve-rollouts: cannot bind {args.host}:{args.port}: {e}") from None
+    sock.listen(1024)  # connections made once the address file exists wait here until uvicorn serves
+    port = sock.getsockname()[1]
+    url_host = socket.gethostname() if _is_unspecified(args.host) else args.host  # 0.0.0.0: other nodes use our name
+    url_host = f"[{url_host}]" if ":" in url_host else url_host
+    address = {"url": f"http://{url_host}:{port}", "host": args.host, "port": port, "pid": os.getpid(),
+               "hostname": socket.gethostname(), "state_dir": os.path.abspath(args.state_dir), **token_hint}
+    if args.address_file:
+        atomic_write_json(args.address_file, address)
+    print(f"rollout service on {address['url']} ({len(problems)} problems, engine {args.engine}, "
+          f"table version {service.table.version})", file=sys.stderr, flush=True)
+    cleanup = (lambda: _remove_if_ours(Path(args.address_file))) if args.address_file else None
+    app = create_app(service, on_shutdown=cleanup)
+    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False)).run(sockets=[sock])
+    return 0
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _remove_if_ours(path) -> None:
+    """On shutdown, remove the address file unless a newer service has replaced it."""
+    import json
+
+    try:
+        if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass

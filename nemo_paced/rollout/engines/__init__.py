@@ -1,0 +1,6 @@
+"""Inference engines behind one interface (see `base.Engine`): `hf` (transformers, CPU or GPU) and
+`vllm` (in-process vllm.LLM, production)."""
+
+from nemo_paced.rollout.engines.base import Engine, Generation, Sample, SamplingParams, create_engine
+
+__all__ = ["Engine", "Generation", "Sample", "SamplingParams", "create_engine"]

@@ -1,0 +1,85 @@
+"""What every inference engine provides: n sampled completions per prompt, with token ids and
+log-probs, and a way to swap in new weights without restarting the process around it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """n samples per prompt. temperature 0 means greedy decoding; top_p 1 disables nucleus sampling.
+    `seed` makes a call reproducible on the same engine and batch (None: fresh randomness)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion. `token_ids` are the generated tokens, including the end-of-sequence token when
+    generation stopped on it (finish_reason "stop"; "length" when max_tokens ran out). `logprobs[i]`
+    is log p(token_ids[i] | prompt, token_ids[:i]) under the model's own distribution (temperature 1,
+    no top-p), computed in fp32: the quantity a reverse-KL loss needs. `text` excludes special tokens."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The samples drawn for one prompt, and the prompt's token ids as the engine tokenised it."""
+
+    prompt_token_ids: list[int]
+    samples: list[Sample] = field(default_factory=list)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An inference engine. Not thread-safe: callers serialise `generate` and `load_weights`."""
+
+    name: str
+    checkpoint: str  # the weights currently loaded (a directory path)
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
+        """params.n samples for each prompt, in prompt order."""
+        ...
+
+    def load_weights(self, path: str) -> None:
+        """Replace the model weights with those in checkpoint directory `path` (same architecture)."""
+        ...
+
+    @property
+    def tokenizer(self):
+        """The tokenizer prompts are encoded with (used to render chat templates)."""
+        ...
+
+
+def create_engine(kind: str, model: str, **options) -> Engine:
+    """Build an engine by name ('hf' or 'vllm'); each imports its backend only when chosen."""
+    if kind == "hf":
+        from nemo_paced.rollout.engines.hf import HFEngine
+
+        return HFEngine(model, **options)
+    if kind == "vllm":
+        from nemo_paced.rollout.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model, **options)
+    raise ValueError(f"engine must be 'hf' or 'vllm', got {kind!r}")

@@ -1,0 +1,92 @@
+"""The `hf` engine: batched sampling with Hugging Face transformers, on CPU or GPU.
+
+Prompts are left-padded into batches of up to `batch_size` sequences (prompts x n). Log-probs come
+from the raw logits `generate` returns for every step, so they are the model's own distribution at
+the moment of sampling. Those logits are held for one batch: lower `batch_size` for large vocabularies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nemo_paced.rollout.engines.base import Generation, Sample, SamplingParams
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model: str, tokenizer: str | None = None, device: str | None = None,
+                 dtype: str = "float32", batch_size: int = 64) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        self._tokenizer.padding_side = "left"
+        if self._tokenizer.pad_token_id is None:
+            self._tokenizer.pad_token = self._tokenizer.eos_token
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = getattr(torch, dtype)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.load_weights(model)
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    def load_weights(self, path: str) -> None:
+        """Load a checkpoint directory in Hugging Face format (safetensors only: nothing is unpickled)."""
+        from transformers import AutoModelForCausalLM
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, use_safetensors=True)
+        self.model = model.to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos = self._tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.checkpoint = str(path)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        encoded = [self._tokenizer(p)["input_ids"] for p in prompts]
+        per_call = max(1, self.batch_size // params.n)
+        generations: list[Generation] = []
+        for start in range(0, len(encoded), per_call):
+            generations += self._generate_batch(encoded[start:start + per_call], params)
+        return generations
+
+    def _generate_batch(self, encoded: list[list[int]], params: SamplingParams) -> list[Generation]:
+        pad = self._tokenizer.pad_token_id
+        width = max(map(len, encoded))
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(encoded):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        sampling = ({"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+                    if params.temperature > 0 else {"do_sample": False})
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  max_new_tokens=params.max_tokens, num_return_sequences=params.n,
+                                  pad_token_id=pad, eos_token_id=sorted(self.eos_ids), output_logits=True,
+                                  return_dict_in_generate=True, **sampling)
+        tokens = out.sequences[:, width:]
+        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(1, tokens[:, t:t + 1]).squeeze(1)
+                                for t, step in enumerate(out.logits)], dim=1)
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        generations = []
+        for i, prompt in enumerate(encoded):
+            samples = [self._sample(tokens[row], logprobs[row]) for row in range(i * params.n, (i + 1) * params.n)]
+            generations.append(Generation(prompt, samples))
+        return generations
+
+    def _sample(self, tokens: list[int], logprobs: list[float]) -> Sample:
+        """Cut a row at its first end-of-sequence token (kept) and drop the padding after it."""
+        end = next((t for t, token in enumerate(tokens) if token in self.eos_ids), None)
+        length = len(tokens) if end is None else end + 1
+        text = self._tokenizer.decode(tokens[:length], skip_special_tokens=True)
+        return Sample(text, tokens[:length], logprobs[:length], "length" if end is None else "stop")

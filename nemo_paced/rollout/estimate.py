@@ -1,0 +1,72 @@
+"""The one sampling-and-verification path: render prompts, sample, grade.
+
+Pass-rate estimation (K samples per problem), on-policy sampling for reverse KL and evaluation all
+call `rollout`; they differ only in how many samples they draw and what they do with the scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+from nemo_paced.passrates import Outcome
+from nemo_paced.problems import Problem, render_prompt
+from nemo_paced.rollout.engines.base import Engine, SamplingParams
+from nemo_paced.rollout.verifiers import Verifier, score
+
+
+@dataclass(frozen=True)
+class ScoredSample:
+    """A completion with its verifier score; fields as in `engines.base.Sample`."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    score: int
+
+
+@dataclass(frozen=True)
+class ProblemRollouts:
+    """All samples drawn for one problem in one call, and the weights (checkpoint) that drew them."""
+
+    problem_id: str
+    prompt: str
+    prompt_token_ids: list[int]
+    samples: list[ScoredSample]
+    checkpoint: str
+
+    @property
+    def successes(self) -> int:
+        return sum(s.score for s in self.samples)
+
+    @property
+    def trials(self) -> int:
+        return len(self.samples)
+
+    def outcome(self) -> Outcome:
+        return Outcome(self.problem_id, self.successes, self.trials)
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "ProblemRollouts":
+        return cls(**{**row, "samples": [ScoredSample(**s) for s in row["samples"]]})
+
+
+def rollout(engine: Engine, problems: Sequence[Problem], verifier: Verifier, params: SamplingParams,
+            template: str = "plain") -> list[ProblemRollouts]:
+    """params.n graded samples for each problem, in order; the caller owns the engine for the call."""
+    prompts = [render_prompt(p, template, engine.tokenizer) for p in problems]
+    generations = engine.generate(prompts, params)
+    return [ProblemRollouts(problem.id, prompt, generation.prompt_token_ids,
+                            [ScoredSample(s.text, s.token_ids, s.logprobs, s.finish_reason,
+                                          score(verifier, s.text, problem.answer)) for s in generation.samples],
+                            engine.checkpoint)
+            for problem, prompt, generation in zip(problems, prompts, generations)]
+
+
+def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

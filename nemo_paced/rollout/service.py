@@ -1,0 +1,473 @@
+"""The rollout service: one engine holding the student's current weights, serving pass-rate
+estimation, on-policy samples and weight reloads over HTTP.
+
+HTTP API (JSON bodies; every request carries `Authorization: Bearer TOKEN` when a token is set):
+
+    GET  /health                 engine, checkpoint, step, table version, queue length
+    GET  /metrics                Prometheus text: rollouts, rollouts/s, queue length, table version
+    POST /estimate               {"ids": [...] | null (all), "k": K | null}  ->  {"job_id", "total", ...}
+    GET  /jobs/{job_id}          {"status": queued|running|done|failed, "done", "total", "error", ...}
+    GET  /table?since=V          {"header", "version", "records": [records updated after version V]}
+    POST /sample                 {"ids", "n", "temperature", "top_p", "max_tokens", "seed", "fold"}
+                                 -> {"checkpoint", "step", "table_version", "problems": [ProblemRollouts rows]}
+    POST /weights                {"path": DIR, "step": S | null}  ->  {"checkpoint", "step"}
+
+Estimation jobs run one at a time on a worker thread, a batch of problems per engine call; after
+every batch the results are folded into the `PassRateTable` and the table is saved atomically, then
+the job's progress is saved, so a crash loses at most the batch in flight and a restart resumes the
+table, the loaded checkpoint and the unfinished jobs. On-policy samples are graded too; their scores
+are pooled per problem until K have arrived and then folded in as one K-trial estimate, so a single
+sample never overwrites an estimate from K rollouts (a pool not yet full is lost on restart).
+A /sample or /weights request waits at most one estimation batch for the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from nemo_paced.atomic import atomic_write_json
+from nemo_paced.passrates import Outcome, PassRateTable, UpdateMode
+from nemo_paced.problems import Problem
+from nemo_paced.rollout.engines.base import Engine, SamplingParams
+from nemo_paced.rollout.estimate import ProblemRollouts, batched, rollout
+from nemo_paced.rollout.verifiers import Verifier
+
+log = logging.getLogger(__name__)
+
+TABLE_FILE = "passrates.jsonl"
+STATE_FILE = "service.json"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Sampling defaults and the bounds every request is held to."""
+
+    k: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024
+    template: str = "plain"
+    batch_problems: int = 16  # problems per engine call in estimation jobs
+    seed: int | None = None
+    update_mode: str = "replace"
+    decay: float = 0.5
+    max_k: int = 64  # largest K (estimation) or n (sampling) a request may ask for
+    max_batch: int = 1024  # most problems per /sample request
+    max_request_bytes: int = 4 << 20
+    token: str | None = None  # bearer token; None accepts unauthenticated requests (loopback only)
+
+    def __post_init__(self) -> None:
+        UpdateMode(self.update_mode)
+        SamplingParams(self.k, self.temperature, self.top_p, self.max_tokens)
+        for name in ("batch_problems", "max_k", "max_batch", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.k > self.max_k:
+            raise ValueError(f"k ({self.k}) must not exceed max_k ({self.max_k})")
+
+
+class RequestError(ValueError):
+    """A request that names a valid shape but an unacceptable value; `field` names the culprit."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.field, self.status = field, status
+
+
+@dataclass
+class Job:
+    id: str
+    ids: list[str]
+    k: int
+    done: int = 0
+    status: str = "queued"  # queued | running | done | failed
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    checkpoints: list[str] = field(default_factory=list)  # weights that produced its estimates
+    table_version: int | None = None  # table version after its last batch
+
+    def view(self) -> dict[str, Any]:
+        row = asdict(self)
+        row.pop("ids")
+        return {"job_id": row.pop("id"), "total": len(self.ids), **row}
+
+
+class RolloutService:
+    """Engine, problems, table and jobs; `create_app` puts HTTP in front of it."""
+
+    def __init__(self, engine: Engine, problems: Sequence[Problem], verifier: Verifier, state_dir: str | Path,
+                 config: ServiceConfig = ServiceConfig()) -> None:
+        self.engine, self.verifier, self.config = engine, verifier, config
+        self.problems = {p.id: p for p in problems}
+        self.state_dir = Path(state_dir)
+        self.table_path = self.state_dir / TABLE_FILE
+        self.state_path = self.state_dir / STATE_FILE
+        self.table = (PassRateTable.load(self.table_path) if self.table_path.exists()
+                      else PassRateTable(config.update_mode, config.decay))
+        self.step: int | None = None
+        self.jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._pool: dict[str, list[int]] = {}  # on-policy scores not yet folded: id -> [successes, trials]
+        self._engine_lock = threading.Lock()  # the engine serves one call at a time
+        self._lock = threading.Lock()  # table, jobs, pool, counters and the state file
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.started = time.time()
+        self.rollouts = 0
+        self.tokens = 0
+        self.engine_seconds = 0.0
+        self.requests = 0
+        self._resume()
+
+    # --- state on disk ------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        if not self.state_path.exists():
+            return
+        state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        checkpoint = state.get("checkpoint")
+        if checkpoint and checkpoint != self.engine.checkpoint:
+            if Path(checkpoint).is_dir():
+                log.info("resuming with the last loaded weights %s", checkpoint)
+                self.engine.load_weights(checkpoint)
+                self.step = state.get("step")
+            else:
+                log.warning("last loaded weights %s are gone; serving %s", checkpoint, self.engine.checkpoint)
+        for row in state.get("jobs", []):
+            job = Job(**row)
+            self.jobs[job.id] = job
+            if job.status in ("queued", "running"):
+                job.status = "queued"
+                self._queue.put(job.id)
+        resumed = sum(j.status == "queued" for j in self.jobs.values())
+        log.info("resumed table version %d (%d problems) and %d unfinished jobs",
+                 self.table.version, len(self.table), resumed)
+
+    def _save_state(self) -> None:
+        """Caller holds self._lock."""
+        atomic_write_json(self.state_path, {"checkpoint": self.engine.checkpoint, "step": self.step,
+                                            "jobs": [asdict(j) for j in self.jobs.values()]})
+
+    def _fold(self, outcomes: list[Outcome], checkpoint: str) -> int:
+        """Caller holds self._lock. Update the table and save it before anyone can read the new version."""
+        version = self.table.update(outcomes, checkpoint=checkpoint, step=self.step)
+        self.table.save(self.table_path)
+        return version
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._work, name="rollout-estimation", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._worker is not None:
+            self._worker.join()
+
+    # --- operations ---------------------------------------------------------------------------
+
+    def _problems(self, ids: Sequence[str], name: str = "ids") -> list[Problem]:
+        unknown = [i for i in ids if i not in self.problems]
+        if unknown:
+            shown = ", ".join(repr(i) for i in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise RequestError(name, f"{len(unknown)} unknown problem id(s): {shown}")
+        return [self.problems[i] for i in ids]
+
+    def _k(self, value: int | None, name: str) -> int:
+        value = self.config.k if value is None else value
+        if not 1 <= value <= self.config.max_k:
+            raise RequestError(name, f"must lie in 1..{self.config.max_k} (the service's --max-k), got {value}")
+        return value
+
+    def _rollout(self, problems: Sequence[Problem], params: SamplingParams) -> list[ProblemRollouts]:
+        with self._engine_lock:
+            start = time.perf_counter()
+            results = rollout(self.engine, problems, self.verifier, params, self.config.template)
+            elapsed = time.perf_counter() - start
+        with self._lock:
+            self.engine_seconds += elapsed
+            self.rollouts += sum(r.trials for r in results)
+            self.tokens += sum(len(s.token_ids) for r in results for s in r.samples)
+        return results
+
+    def submit(self, ids: Sequence[str] | None = None, k: int | None = None) -> Job:
+        """Queue an estimation of `ids` (all problems when None) with K samples each."""
+        ids = list(self.problems) if ids is None else list(dict.fromkeys(ids))
+        if not ids:
+            raise RequestError("ids", "must not be empty (omit it to estimate every problem)")
+        self._problems(ids)
+        job = Job(uuid.uuid4().hex[:12], ids, self._k(k, "k"))
+        with self._lock:
+            self.jobs[job.id] = job
+            self._save_state()
+        self._queue.put(job.id)
+        return job
+
+    def job(self, job_id: str) -> Job:
+        if job_id not in self.jobs:
+            raise RequestError("job_id", f"no job {job_id!r} (finished jobs are kept until restart)", 404)
+        return self.jobs[job_id]
+
+    def queue_length(self) -> int:
+        return sum(j.status in ("queued", "running") for j in self.jobs.values())
+
+    def sample(self, ids: Sequence[str], n: int = 1, temperature: float | None = None, top_p: float | None = None,
+               max_tokens: int | None = None, seed: int | None = None, fold: bool = True) -> dict[str, Any]:
+        """On-policy samples for `ids` from the current weights, graded; scores pooled into the table."""
+        if len(ids) > self.config.max_batch:
+            raise RequestError("ids", f"at most {self.config.max_batch} problems per request, got {len(ids)}")
+        if max_tokens is not None and max_tokens > self.config.max_tokens:
+            raise RequestError("max_tokens", f"must not exceed {self.config.max_tokens} (the service's "
+                                             f"--max-tokens), got {max_tokens}")
+        problems = self._problems(ids)
+        params = SamplingParams(self._k(n, "n"), self.config.temperature if temperature is None else temperature,
+                                self.config.top_p if top_p is None else top_p,
+                                self.config.max_tokens if max_tokens is None else max_tokens, seed)
+        results = self._rollout(problems, params)
+        with self._lock:
+            if fold:
+                self._pool_scores(results)
+            return {"checkpoint": results[0].checkpoint, "step": self.step, "table_version": self.table.version,
+                    "problems": [r.to_row() for r in results]}
+
+    def _pool_scores(self, results: list[ProblemRollouts]) -> None:
+        """Caller holds self._lock."""
+        ready = []
+        for r in results:
+            pooled = self._pool.setdefault(r.problem_id, [0, 0])
+            pooled[0] += r.successes
+            pooled[1] += r.trials
+            if pooled[1] >= self.config.k:
+                ready.append(Outcome(r.problem_id, *self._pool.pop(r.problem_id)))
+        if ready:
+            self._fold(ready, results[0].checkpoint)
+
+    def load_weights(self, path: str, step: int | None = None) -> dict[str, Any]:
+        if not Path(path).is_dir():
+            raise RequestError("path", f"{path!r} is not a directory on the service's machine")
+        with self._engine_lock:
+            self.engine.load_weights(path)
+        with self._lock:
+            self.step = step
+            self._save_state()
+        log.info("loaded weights %s (step %s)", path, step)
+        return {"checkpoint": self.engine.checkpoint, "step": step}
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "engine": self.engine.name, "checkpoint": self.engine.checkpoint, "step": self.step,
+                "table_version": self.table.version, "problems": len(self.problems), "estimated": len(self.table),
+                "queue": self.queue_length(), "k": self.config.k}
+
+    def table_rows(self, since: int = 0) -> dict[str, Any]:
+        with self._lock:
+            # A reader ahead of us (the table was replaced under it) gets everything.
+            since = 0 if since > self.table.version else since
+            return {"header": self.table.header(), "version": self.table.version, "since": since,
+                    "records": self.table.to_rows(since)}
+
+    def metrics(self) -> str:
+        with self._lock:
+            rate = self.rollouts / self.engine_seconds if self.engine_seconds else 0.0
+            values = [
+                ("rollouts_total", "counter", "samples generated and graded", self.rollouts),
+                ("generated_tokens_total", "counter", "tokens generated", self.tokens),
+                ("engine_seconds_total", "counter", "seconds the engine spent generating", self.engine_seconds),
+                ("rollouts_per_second", "gauge", "rollouts per second of engine time", rate),
+                ("queue_length", "gauge", "estimation jobs queued or running", self.queue_length()),
+                ("table_version", "gauge", "pass-rate table version", self.table.version),
+                ("table_problems", "gauge", "problems with an estimate", len(self.table)),
+                ("requests_total", "counter", "HTTP requests received", self.requests),
+                ("uptime_seconds", "gauge", "seconds since the service started", time.time() - self.started),
+            ]
+        lines = []
+        for name, kind, help_text, value in values:
+            lines += [f"# HELP nemo_paced_{name} {help_text}", f"# TYPE nemo_paced_{name} {kind}",
+                      f"nemo_paced_{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+    # --- the estimation worker ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.jobs[self._queue.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            try:
+                self._run(job)
+            except Exception as e:  # noqa: BLE001 - a failed job is reported, the service keeps serving
+                log.exception("estimation job %s failed", job.id)
+                with self._lock:
+                    job.status, job.error, job.finished = "failed", f"{type(e).__name__}: {e}", time.time()
+                    self._save_state()
+
+    def _run(self, job: Job) -> None:
+        job.status = "running"
+        params = SamplingParams(job.k, self.config.temperature, self.config.top_p, self.config.max_tokens,
+                                self.config.seed)
+        for ids in batched(job.ids[job.done:], self.config.batch_problems):
+            if self._stop.is_set():
+                return  # stays "running"; queued again on restart
+            results = self._rollout([self.problems[i] for i in ids], params)
+            checkpoint = results[0].checkpoint
+            with self._lock:
+                job.table_version = self._fold([r.outcome() for r in results], checkpoint)
+                job.done += len(ids)
+                if checkpoint not in job.checkpoints:
+                    job.checkpoints.append(checkpoint)
+                self._save_state()
+        with self._lock:
+            job.status, job.finished = "done", time.time()
+            self._save_state()
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+class _Guard:
+    """ASGI middleware: bearer-token check on every request, then a bound on the body size.
+
+    The body is read here (up to the bound) and replayed to the app, so an oversized body is refused
+    with 413 before anything parses it, whether or not the client sent Content-Length.
+    """
+
+    def __init__(self, app, token: str | None, max_bytes: int, on_request) -> None:
+        self.app, self.max_bytes, self.on_request = app, max_bytes, on_request
+        self.token = None if token is None else f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.on_request()
+        headers = dict(scope["headers"])
+        if self.token is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.token):
+            return await _reply(send, 401, {"detail": "missing or wrong bearer token (header Authorization)"},
+                                [(b"www-authenticate", b"Bearer")])
+        declared = headers.get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await _reply(send, 413, {"detail": f"request body over {self.max_bytes} bytes"})
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await _reply(send, 413, {"detail": f"request body over {self.max_bytes} bytes"})
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+
+        async def replay():
+            nonlocal body
+            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
+            return message
+
+        await self.app(scope, replay, send)
+
+
+async def _reply(send, status: int, payload: dict, headers: list | None = None) -> None:
+    data = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class Strict(BaseModel):
+    """Request bodies: unknown fields are refused, so a misspelt option is an error, not a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EstimateRequest(Strict):
+    ids: list[str] | None = None
+    k: int | None = None
+
+
+class SampleRequest(Strict):
+    ids: list[str] = Field(min_length=1)
+    n: int = 1
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    fold: bool = True
+
+
+class WeightsRequest(Strict):
+    path: str = Field(min_length=1)
+    step: int | None = Field(None, ge=0)
+
+
+def create_app(service: RolloutService, on_shutdown: Callable[[], None] | None = None):
+    """The ASGI app: FastAPI behind the auth and size guard; its lifespan runs the estimation worker.
+    `on_shutdown` runs after the worker stops (uvicorn re-raises SIGTERM afterwards, so no later code runs)."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        yield
+        service.stop()
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = FastAPI(title="nemo-paced rollout service", lifespan=lifespan)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, error: RequestError):
+        return JSONResponse(status_code=error.status, content={"detail": [
+            {"loc": ["body" if error.status == 422 else "path", error.field], "msg": str(error)}]})
+
+    # Handlers are plain functions: FastAPI runs them on its thread pool, so a long /sample does not
+    # block /health or /table.
+    @app.get("/health")
+    def health():
+        return service.health()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics():
+        return service.metrics()
+
+    @app.post("/estimate")
+    def estimate(request: EstimateRequest):
+        return service.submit(request.ids, request.k).view()
+
+    @app.get("/jobs/{job_id}")
+    def job(job_id: str):
+        return service.job(job_id).view()
+
+    @app.get("/table")
+    def table(since: int = Query(0, ge=0)):
+        return service.table_rows(since)
+
+    @app.post("/sample")
+    def sample(request: SampleRequest):
+        return service.sample(**request.model_dump())
+
+    @app.post("/weights")
+    def weights(request: WeightsRequest):
+        return service.load_weights(request.path, request.step)
+
+    def count():
+        service.requests += 1  # approximate under concurrency; a metric, not an invariant
+
+    return _Guard(app, service.config.token, service.config.max_request_bytes, count)

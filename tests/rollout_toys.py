@@ -1,0 +1,61 @@
+"""Shared pieces of the rollout tests: a tiny random GPT-2 over the demo's character tokenizer, toy
+problems, and a verifier whose pass rate under a model can be computed exactly.
+
+`first_char_in` accepts a completion whose first character is one of the answer's characters, so a
+problem's pass rate at temperature 1 is the model's next-token probability mass on those characters
+right after the prompt: one forward pass gives the exact expected value of the estimate.
+"""
+
+import torch
+
+ALPHABET = "0123456789+-.="
+
+
+def save_tiny_model(path, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A randomly initialised GPT-2 (eval mode) and its tokenizer, saved to `path`; returns the model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nemo_paced.tasks.tokenizer import char_tokenizer
+
+    tokenizer = char_tokenizer(ALPHABET)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=hidden, n_layer=layers, n_head=2,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # sharpen the output so pass rates spread out instead of all being ~ size/17
+        model.transformer.wte.weight.mul_(6)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+# (id, prompt, accepted first characters); "#" is outside the alphabet, so that problem's pass rate is 0.
+TOY_PROBLEMS = [("none", "12+34=", "#"), ("digits", "5-6=", "0123456789"), ("ops", "77+1-2=", "+-.="),
+                ("low", "=", "9"), ("mid", "3+3+3=", "01234"), ("all", "88-8=", ALPHABET)]
+
+
+def toy_problems():
+    from nemo_paced.problems import Problem
+
+    return [Problem(i, prompt, answer) for i, prompt, answer in TOY_PROBLEMS]
+
+
+def first_char_in(completion: str, answer: str) -> bool:
+    return bool(completion) and completion[0] in answer
+
+
+def teacher_forced_logprobs(model, prompt_ids, token_ids) -> torch.Tensor:
+    ids = torch.tensor([list(prompt_ids) + list(token_ids)])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits.float(), -1)[0, len(prompt_ids) - 1:-1]
+    return logprobs.gather(1, torch.tensor(token_ids)[:, None]).squeeze(1)
+
+
+def exact_pass_rate(model, tokenizer, prompt: str, answer: str) -> float:
+    """P(first generated character in answer): the probability mass of the tokens that decode to one."""
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        probs = torch.softmax(model(ids).logits[0, -1].double(), -1)
+    accepted = [t for t in range(len(probs)) if first_char_in(tokenizer.decode([t], skip_special_tokens=True), answer)]
+    return float(probs[accepted].sum())

