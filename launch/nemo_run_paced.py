@@ -94,7 +94,7 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
     wait = (f"for _ in $(seq {max(cfg.service_wait // 2, 1)}); do [ -s {q(run)}/rollouts.addr ] && break; "
             "sleep 2; done\n")
     return {
-        "references": paced("make-references", "--teacher", cfg.teacher, "--problems", cfg.problems,
+        "references": paced("make-references", "--engine", cfg.engine, "--teacher", cfg.teacher, "--problems", cfg.problems,
                             "--out", f"{run}/references.jsonl", *cfg.reference_args),
         "rollouts": "\n".join([
             f"echo $SLURM_JOB_ID > {q(run)}/rollouts.jobid", f"rm -f {q(run)}/rollouts.addr",

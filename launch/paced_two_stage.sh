@@ -29,7 +29,7 @@ Data and models:
   --benchmarks 'A B'    PACED_BENCHMARKS   evaluation sets, space-separated                    [required]
   --run-dir DIR         PACED_RUN_DIR      where everything goes (default ./runs/RECIPE-DATE-TIME)
   --k N                 PACED_K            rollouts per problem for the pass rates (default 8)
-  --engine hf|vllm      PACED_ENGINE       rollout engine (default vllm)
+  --engine hf|vllm      PACED_ENGINE       engine of the rollout service and the references (default vllm)
   --eval-engine hf|vllm PACED_EVAL_ENGINE  evaluation engine (default hf)
   --stage-split F       PACED_STAGE_SPLIT  fraction of the recipe's steps spent in stage 1 (default 0.5)
   --train-args 'k=v ..' PACED_TRAIN_ARGS   extra recipe overrides for both training stages
