@@ -1,0 +1,298 @@
+"""The rollout service for real: `nemo-paced serve-rollouts` in a subprocess on 127.0.0.1 with a tiny
+random GPT-2, talked to through RolloutClient and raw HTTP.
+
+The toy verifier (`rollout_toys.first_char_in`) makes each problem's pass rate computable exactly
+from one forward pass, so estimates are checked against the truth, not against themselves.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from rollout_toys import TOY_PROBLEMS, exact_pass_rate, first_char_in, save_tiny_model, teacher_forced_logprobs
+
+from nemo_paced.passrates import PassRateTable
+from nemo_paced.rollout.client import RequestRejected, RolloutClient, ServiceUnavailable
+
+K = 48
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rollout")
+    models = {"a": save_tiny_model(root / "model-a", seed=0), "b": save_tiny_model(root / "model-b", seed=1)}
+    with open(root / "problems.jsonl", "w") as f:
+        for problem_id, prompt, answer in TOY_PROBLEMS:
+            f.write(json.dumps({"id": problem_id, "prompt": prompt, "answer": answer}) + "\n")
+    from transformers import AutoTokenizer
+
+    return root, models, AutoTokenizer.from_pretrained(root / "model-a")
+
+
+class Server:
+    """`nemo-paced serve-rollouts` as a subprocess; the address file says when and where it listens."""
+
+    def __init__(self, root: Path, state: Path, *extra: str, env: dict | None = None) -> None:
+        self.address = state.parent / f"{state.name}-address.json"
+        self.address.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "nemo_paced", "serve-rollouts", "--model", str(root / "model-a"),
+                   "--problems", str(root / "problems.jsonl"), "--state-dir", str(state),
+                   "--verifier", "rollout_toys:first_char_in", "--template", "raw", "--k", str(K),
+                   "--max-tokens", "4", "--seed", "0", "--port", "0", "--address-file", str(self.address),
+                   "--batch-size", "256", "--log-level", "warning", *extra]
+        self.log = open(state.parent / f"{state.name}.log", "a")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env={
+            **os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            **(env or {})})
+        deadline = time.monotonic() + 180
+        while not self.address.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"service did not start; log: {Path(self.log.name).read_text()[-3000:]}")
+            time.sleep(0.1)
+        self.url = json.loads(self.address.read_text())["url"]
+
+    def client(self, **options) -> RolloutClient:
+        return RolloutClient.connect(self.address, **{"retries": 2, "backoff": 0.05, **options})
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        code = self.process.wait(60)
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(workspace):
+    root, _, _ = workspace
+    srv = Server(root, root / "main", "--max-request-bytes", "65536")
+    yield srv
+    srv.stop()
+
+
+def test_estimates_match_the_exact_pass_rates(server, workspace):
+    root, models, tokenizer = workspace
+    client = server.client()
+    status = client.wait(client.estimate(), poll=0.1, timeout=300)
+    assert status["status"] == "done" and status["done"] == status["total"] == len(TOY_PROBLEMS)
+    assert status["checkpoints"] == [str(root / "model-a")]
+    table = client.refresh_table()
+    assert table.version == status["table_version"] >= 1
+    for problem_id, prompt, answer in TOY_PROBLEMS:
+        record = table[problem_id]
+        p = exact_pass_rate(models["a"], tokenizer, prompt, answer)
+        assert record.trials == K and record.checkpoint == str(root / "model-a")
+        # within 4.5 binomial standard deviations of the truth (the seed makes the run reproducible)
+        assert abs(record.pass_rate - p) <= 4.5 * math.sqrt(p * (1 - p) / K) + 1e-9, (problem_id, record, p)
+    assert table["none"].successes == 0  # its answer has no character the model can produce
+    saved = PassRateTable.load(root / "main" / "passrates.jsonl")
+    assert saved.version == table.version and saved.records() == table.records()
+    assert client.staleness() < 60
+
+
+def test_on_policy_logprobs_match_teacher_forcing(server, workspace):
+    root, models, _ = workspace
+    client = server.client()
+    version = client.health()["table_version"]
+    batch = client.sample(["digits", "ops", "all"], n=3, max_tokens=4, seed=1, fold=False)
+    assert batch.checkpoint == str(root / "model-a") and [p.problem_id for p in batch.problems] == ["digits", "ops", "all"]
+    answers = {problem_id: answer for problem_id, _, answer in TOY_PROBLEMS}
+    worst = 0.0
+    for problem in batch.problems:
+        assert len(problem.samples) == 3
+        for sample in problem.samples:
+            assert len(sample.token_ids) == len(sample.logprobs) >= 1
+            assert sample.finish_reason == ("stop" if sample.token_ids[-1] == 1 else "length")
+            assert sample.score == int(first_char_in(sample.text, answers[problem.problem_id]))
+            expected = teacher_forced_logprobs(models["a"], problem.prompt_token_ids, sample.token_ids)
+            worst = max(worst, (expected - torch.tensor(sample.logprobs)).abs().max().item())
+    assert worst < 1e-4
+    assert client.health()["table_version"] == version  # fold=False leaves the table alone
+
+
+def test_on_policy_scores_fold_in_once_k_have_arrived(server):
+    client = server.client()
+    before = client.refresh_table().version
+    first = client.sample(["mid"], n=K // 2, max_tokens=1)
+    assert client.refresh_table().version == before  # half of K pooled, not folded
+    second = client.sample(["mid"], n=K // 2, max_tokens=1)
+    table = client.refresh_table()
+    assert table.version == before + 1
+    record = table["mid"]
+    assert record.trials == K
+    assert record.successes == first.problems[0].successes + second.problems[0].successes
+
+
+def test_concurrent_clients(server):
+    errors, versions = [], []
+
+    def sampler(seed):
+        with server.client() as client:
+            for _ in range(3):
+                batch = client.sample(["digits", "low"], n=2, max_tokens=2, seed=seed, fold=False)
+                assert [len(p.samples) for p in batch.problems] == [2, 2]
+
+    def estimator():
+        with server.client() as client:
+            assert client.wait(client.estimate(["ops", "all"], k=8), poll=0.05, timeout=300)["done"] == 2
+
+    def reader():
+        with server.client() as client:
+            for _ in range(20):
+                versions.append(client.health()["table_version"])
+                client.refresh_table()
+
+    def guarded(fn, *args):
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=a) for a in
+               [(sampler, 1), (sampler, 2), (estimator,), (reader,), (estimator,)]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert versions == sorted(versions)
+    table = server.client().refresh_table()
+    assert table["ops"].trials == 8 and table["all"].trials == 8
+
+
+def test_bad_requests_get_4xx_naming_the_field(server):
+    client = server.client()
+    cases = [
+        (lambda: client.estimate(k=1000), "field 'k'"),
+        (lambda: client.estimate(["digits", "nope"]), "'nope'"),
+        (lambda: client.sample(["digits"], n=0), "field 'n'"),
+        (lambda: client.sample(["digits"], temperature=-1.0), "field 'temperature'"),
+        (lambda: client.sample(["digits"], max_tokens=5000), "field 'max_tokens'"),
+        (lambda: client.sample([]), "field 'ids'"),
+        (lambda: client.load_weights("/nonexistent/checkpoint"), "field 'path'"),
+        (lambda: client.job("nope"), "field 'job_id'"),
+        (lambda: client.table_since(-1), "field 'since'"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(RequestRejected) as error:
+            call()
+        assert 400 <= error.value.status < 500 and needle in str(error.value), str(error.value)
+    with httpx.Client(base_url=server.url) as http:
+        assert http.post("/sample", json={"ids": ["digits"], "tempreature": 0.5}).json()["detail"][0]["loc"] == [
+            "body", "tempreature"]
+        assert http.post("/estimate", content=b"{not json", headers={"content-type": "application/json"}
+                         ).status_code == 422
+        assert http.post("/estimate", json={"ids": ["x" * 100] * 1000}).status_code == 413
+        chunked = http.post("/estimate", content=iter([b'{"ids": ["', b"y" * 70000, b'"]}']))
+        assert chunked.status_code == 413
+    assert client.health()["status"] == "ok"
+
+
+def test_metrics(server):
+    server.client().sample(["low"], n=2, max_tokens=1, fold=False)
+    text = server.client().metrics()
+    values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
+    assert float(values["nemo_paced_rollouts_total"]) > 0
+    assert float(values["nemo_paced_rollouts_per_second"]) > 0
+    assert float(values["nemo_paced_table_version"]) == server.client().health()["table_version"]
+    assert values["nemo_paced_queue_length"] == "0"
+
+
+def test_estimate_cli_waits_and_saves_the_table(server, tmp_path):
+    out = tmp_path / "table.jsonl"
+    run = subprocess.run([sys.executable, "-m", "nemo_paced", "estimate", "--service", str(server.address),
+                          "--ids", "low", "mid", "--k", "4", "--wait", "--poll", "0.1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "done: 2 problems" in run.stderr
+    table = PassRateTable.load(out)
+    assert table["low"].trials == 4 and table["mid"].trials == 4
+    refused = subprocess.run([sys.executable, "-m", "nemo_paced", "estimate", "--service", server.url,
+                              "--k", "999"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "field 'k'" in refused.stderr
+
+
+def test_unreachable_service_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = RolloutClient(f"http://127.0.0.1:{port}", retries=2, backoff=0.01)
+    with pytest.raises(ServiceUnavailable, match=f"cannot reach the rollout service at http://127.0.0.1:{port}"):
+        client.health()
+    run = subprocess.run([sys.executable, "-m", "nemo_paced", "estimate", "--service", f"http://127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and "cannot reach" in run.stderr
+
+
+def test_auth_required_off_loopback_and_checked_on_every_request(workspace, tmp_path):
+    root, _, _ = workspace
+    refused = subprocess.run([sys.executable, "-m", "nemo_paced", "serve-rollouts", "--model", str(root / "model-a"),
+                              "--problems", str(root / "problems.jsonl"), "--state-dir", str(tmp_path / "x"),
+                              "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "NEMO_PACED_ROLLOUT_TOKEN"})
+    assert refused.returncode != 0 and "bearer token is required" in refused.stderr
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    srv = Server(root, tmp_path / "auth", "--token-file", str(token_file))
+    try:
+        address = json.loads(srv.address.read_text())
+        assert address["token_file"] == str(token_file) and "s3cret" not in srv.address.read_text()
+        assert {"url", "host", "port", "pid"} <= set(address) and address["pid"] == srv.process.pid
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+            for method, path in (("GET", "/health"), ("GET", "/metrics"), ("GET", "/table"), ("POST", "/estimate")):
+                response = httpx.request(method, srv.url + path, headers=headers, json={})
+                assert response.status_code == 401, (headers, path)
+        assert srv.client().health()["status"] == "ok"  # the token from the address file's token_file
+        with pytest.raises(RequestRejected, match="HTTP 401"):
+            RolloutClient(srv.url, token="wrong", retries=0).health()
+    finally:
+        srv.stop()
+    assert not srv.address.exists()  # a clean shutdown removes the address file
+
+
+def test_restart_resumes_table_weights_and_unfinished_jobs(workspace, tmp_path):
+    root, models, tokenizer = workspace
+    state = tmp_path / "state"
+    srv = Server(root, state, "--batch-problems", "1")
+    client = srv.client()
+    client.load_weights(root / "model-b", step=5)
+    client.wait(client.estimate(), poll=0.05, timeout=300)
+    first = client.refresh_table()
+    assert {r.checkpoint for r in first.records()} == {str(root / "model-b")}
+    assert {r.step for r in first.records()} == {5}
+    job = client.estimate(k=K)
+    assert srv.stop(signal.SIGKILL) == -signal.SIGKILL  # a crash, mid-job
+    saved = PassRateTable.load(state / "passrates.jsonl")  # never a partial file
+    assert saved.version >= first.version
+
+    kept = client.refresh_table()  # the service is down: the last good table stays, and says how old it is
+    assert kept.records() == first.records() and client.staleness() > 0
+
+    srv = Server(root, state, "--batch-problems", "1")
+    try:
+        client = srv.client()
+        health = client.health()
+        assert health["checkpoint"] == str(root / "model-b") and health["step"] == 5
+        assert health["table_version"] == saved.version
+        status = client.wait(job, poll=0.05, timeout=300)  # the interrupted job was queued again
+        assert status["done"] == status["total"] == len(TOY_PROBLEMS)
+        assert status["checkpoints"] == [str(root / "model-b")]
+        table = client.refresh_table()
+        # every batch not saved before the crash ran after the restart (the one in flight may run twice)
+        assert saved.version < table.version <= first.version + len(TOY_PROBLEMS) + 1
+        for problem_id, prompt, answer in TOY_PROBLEMS:
+            p = exact_pass_rate(models["b"], tokenizer, prompt, answer)
+            assert abs(table[problem_id].pass_rate - p) <= 4.5 * math.sqrt(p * (1 - p) / K) + 1e-9
+    finally:
+        srv.stop()
