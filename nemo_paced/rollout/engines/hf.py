@@ -68,10 +68,12 @@ class HFEngine:
         for i, row in enumerate(encoded):
             ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row):] = 1
-        sampling = ({"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
-                    if params.temperature > 0 else {"do_sample": False})
+        greedy = params.temperature == 0  # n identical samples: decode once, copy
+        sampling = ({"do_sample": False} if greedy else
+                    {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0})
+        copies = 1 if greedy else params.n
         out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  max_new_tokens=params.max_tokens, num_return_sequences=params.n,
+                                  max_new_tokens=params.max_tokens, num_return_sequences=copies,
                                   pad_token_id=pad, eos_token_id=sorted(self.eos_ids), output_logits=True,
                                   return_dict_in_generate=True, **sampling)
         tokens = out.sequences[:, width:]
@@ -80,7 +82,8 @@ class HFEngine:
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
         generations = []
         for i, prompt in enumerate(encoded):
-            samples = [self._sample(tokens[row], logprobs[row]) for row in range(i * params.n, (i + 1) * params.n)]
+            rows = [i * copies + (0 if greedy else j) for j in range(params.n)]
+            samples = [self._sample(tokens[row], logprobs[row]) for row in rows]
             generations.append(Generation(prompt, samples))
         return generations
 

