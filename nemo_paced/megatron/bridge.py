@@ -1,0 +1,229 @@
+"""Megatron Bridge glue: the Paced distillation provider, data source, refresh callback and entry point.
+
+Needs Megatron Bridge (NeMo Framework containers, nvcr.io/nvidia/nemo:26.08 or later); import
+this module only where Bridge is installed. The pieces, as a recipe assembles them:
+
+- `paced_distillation_provider`: Bridge's `DistillationProvider` (teacher built frozen on the same
+  ranks, same TP/PP layout, after its Hugging Face weights are loaded) with the Paced KL criterion
+  installed just before ModelOpt's conversion, where the pipeline stage is known.
+- `PacedDataset`: the external data source: `PacedSampler` over the problem set, drawing from the
+  rollout service's pass-rate table, collated into micro-batches that keep `sample_weight`
+  (teacher references in the fkl stage, fresh student samples in the rkl stage).
+- `PacedRefresh`: every `refresh_every` steps, exports the student in Hugging Face format into a
+  new directory that appears atomically, has the rollout service load it and queue a new pass-rate
+  estimate; the sampler picks the refreshed table up at its next refresh boundary.
+- `train(config)`: `pretrain(config, PacedForwardStep(), callbacks=[PacedRefresh()])`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+try:
+    from megatron.bridge.data.base import DatasetBuildContext, DatasetProvider
+    from megatron.bridge.models.distillation_provider import convert_to_distillation_provider
+    from megatron.bridge.training.callbacks import Callback, CallbackContext
+    from megatron.bridge.training.post_training.distillation import ModelOptDistillConfig
+except ImportError as error:  # pragma: no cover - depends on the machine
+    raise ImportError(
+        "nemo_paced.megatron.bridge needs Megatron Bridge (megatron-bridge >= 0.6, as in the NeMo Framework "
+        "container nvcr.io/nvidia/nemo:26.08); it does not install on CPU-only machines. "
+        f"Original error: {error}") from error
+
+from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
+
+from nemo_paced.batches import BatchBuilder, Pair
+from nemo_paced.megatron.criterion import Stage, paced_criterion, parse_stage
+from nemo_paced.megatron.step import PacedForwardStep
+from nemo_paced.megatron.teacher import check_tokenizers, check_vocab
+from nemo_paced.passrates import UnknownPolicy
+from nemo_paced.problems import load_problems, render_prompt
+from nemo_paced.references import ReferenceBatches, load_references
+from nemo_paced.rollout.client import RolloutClient
+from nemo_paced.sampler import Draw, PacedSampler, SamplerConfig, reader_group
+from nemo_paced.weighting import WeightConfig
+
+log = logging.getLogger(__name__)
+
+
+# --- model -------------------------------------------------------------------------------------
+
+def paced_distillation_provider(student, teacher, stage: Stage | str, temperature: float = 1.0,
+                                student_tokenizer: Any = None, teacher_tokenizer: Any = None):
+    """Bridge's DistillationProvider around two GPT providers (e.g. `AutoBridge...to_megatron_provider()`),
+    with the Paced KL of `stage` as its only criterion and per-token loss accounting."""
+    check_vocab(student.vocab_size, teacher.vocab_size)
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        check_tokenizers(student_tokenizer, teacher_tokenizer)
+    stage = parse_stage(stage)
+    kd_config = ModelOptDistillConfig()
+    provider = convert_to_distillation_provider(student, teacher, kd_config)
+    provider.calculate_per_token_loss = True  # the Paced step normalises by the step's weight sum itself
+
+    def install_criterion(model_chunks: list) -> list:
+        kd_config.criterion = paced_criterion(unwrap_model(model_chunks[0]).config, stage, temperature)
+        return model_chunks
+
+    # Run right before ModelOpt's convert hook (the last one). Set the list directly: the provider
+    # mirrors attribute writes to the teacher, which must not get these hooks.
+    hooks = list(provider._pre_wrap_hooks)
+    object.__setattr__(provider, "_pre_wrap_hooks", hooks[:-1] + [install_criterion, hooks[-1]])
+    return provider
+
+
+# --- data --------------------------------------------------------------------------------------
+
+class OnPolicyBatches:
+    """The sampler's collate for the rkl stage: one fresh sample per drawn problem from the student's
+    weights loaded in the rollout service; their scores are pooled into the pass-rate table too."""
+
+    def __init__(self, client: RolloutClient, builder: BatchBuilder, max_tokens: int | None = None):
+        self.client, self.builder, self.max_tokens = client, builder, max_tokens
+
+    def __call__(self, draw: Draw) -> dict[str, Any]:
+        batch = self.client.sample(draw.problem_ids, n=1, max_tokens=self.max_tokens)
+        pairs = [Pair(p.problem_id, p.prompt_token_ids, p.samples[0].token_ids, float(w))
+                 for p, w in zip(batch.problems, draw.weights)]
+        return self.builder.micro_batch(pairs)
+
+
+@dataclass(kw_only=True)
+class PacedDataset(DatasetProvider):
+    """Bridge's external data source for Paced distillation (`dataloader_type="external"`).
+
+    `service` is the rollout service's URL or address file. Global and micro-batch sizes are copied
+    from `config.train` by `train()`, so they are set in one place.
+    """
+
+    problems: str
+    service: str
+    stage: str = "fkl"
+    references: str | None = None  # teacher references, needed by the fkl stage
+    student: str = ""  # the student's Hugging Face id or path: its tokenizer, and the config of exports
+    template: str = "plain"
+    seq_length: int = 8192
+    max_response_tokens: int | None = None
+    weighting: WeightConfig = field(default_factory=WeightConfig)
+    unknown: str = UnknownPolicy.EXCLUDE.value
+    seed: int = 1234
+    refresh_every: int = 50
+    export_dir: str = "runs/paced/student_hf"
+    dataloader_type: str = "external"
+    global_batch_size: int | None = None
+    micro_batch_size: int | None = None
+
+    def build_datasets(self, context: DatasetBuildContext):
+        from transformers import AutoTokenizer
+
+        if self.global_batch_size is None or self.micro_batch_size is None:
+            raise ValueError("PacedDataset batch sizes are unset; launch through nemo_paced.megatron.bridge.train")
+        tokenizer = AutoTokenizer.from_pretrained(self.student)
+        builder = BatchBuilder(tokenizer, self.seq_length)
+        client = RolloutClient.connect(self.service)
+        problems = load_problems(self.problems)
+        if parse_stage(self.stage) is Stage.FKL:
+            if not self.references:
+                raise ValueError("the fkl stage trains on teacher references: set dataset.references")
+            collate = ReferenceBatches(problems, load_references(self.references), builder, self.template)
+            ids = collate.problem_ids
+        else:
+            collate, ids = OnPolicyBatches(client, builder, self.max_response_tokens), [p.id for p in problems]
+        # every rank runs this; the ranks that read data agree on table refreshes through their own group
+        group = reader_group(parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage())
+        sampler = PacedSampler(
+            ids, SamplerConfig(self.global_batch_size, self.micro_batch_size, self.weighting, self.seed,
+                               self.unknown, refresh_every=self.refresh_every),
+            client.refresh_table, dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(), group=group,
+            collate=WithPassRates(collate, client))
+        return sampler, None, None
+
+
+class WithPassRates:
+    """Adds each sequence's current pass rate to a micro-batch, for the per-bin KL report."""
+
+    def __init__(self, collate, client: RolloutClient):
+        self.collate, self.client = collate, client
+
+    def __call__(self, draw: Draw) -> dict[str, Any]:
+        batch = self.collate(draw)
+        if self.client.table.version < draw.table_version:  # only the sampler's source rank keeps it current
+            self.client.refresh_table()
+        rates = self.client.table.pass_rates(draw.problem_ids)
+        batch["pass_rate"] = torch.from_numpy(np.nan_to_num(rates, nan=-1.0).astype(np.float32))
+        return batch
+
+
+# --- refresh -----------------------------------------------------------------------------------
+
+class PacedRefresh(Callback):
+    """Every `dataset.refresh_every` steps: export the student (Hugging Face format) to
+    `export_dir/step-NNNNNNN`, have the rollout service load it, and queue a new estimate."""
+
+    def on_train_step_end(self, context: CallbackContext) -> None:
+        dataset = context.state.cfg.dataset
+        step = context.state.train_state.step
+        if step % dataset.refresh_every:
+            return
+        final = export_student(context.model, context.state.cfg, Path(dataset.export_dir), step)
+        if dist.get_rank() == 0:
+            with RolloutClient.connect(dataset.service) as client:
+                client.load_weights(final, step=step)
+                job = client.estimate()
+            log.info("step %d: student exported to %s, rollout service reloaded, estimate job %s", step, final, job)
+
+
+def export_student(model_chunks: list, config, export_dir: Path, step: int) -> Path:
+    """Collective: all ranks gather the student's weights; rank 0 writes them into a temporary
+    directory and renames it into place, so readers never see a half-written checkpoint."""
+    from megatron.bridge import AutoBridge
+
+    final = export_dir / f"step-{step:07d}"
+    partial = export_dir / f".step-{step:07d}.partial"
+    if final.exists():  # exported before a restart; it appeared whole, so keep it
+        return final
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        export_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    bridge = AutoBridge.from_hf_pretrained(config.dataset.student)
+    kd_model = unwrap_model(model_chunks[0])
+    with kd_model.hide_teacher_model():  # export the student alone
+        bridge.save_hf_pretrained(model_chunks, partial, show_progress=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for path in partial.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        os.replace(partial, final)  # atomic on one file system; `final` must not exist yet
+        directory = os.open(export_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    dist.barrier()
+    return final
+
+
+# --- entry -------------------------------------------------------------------------------------
+
+def train(config) -> None:
+    """Run a Paced recipe's ConfigContainer under torchrun/srun."""
+    from megatron.bridge.training.pretrain import pretrain
+
+    if not isinstance(config.dataset, PacedDataset):
+        raise TypeError(f"config.dataset must be a PacedDataset, got {type(config.dataset).__name__}")
+    config.dataset.global_batch_size = config.train.global_batch_size
+    config.dataset.micro_batch_size = config.train.micro_batch_size
+    pretrain(config, PacedForwardStep(), callbacks=[PacedRefresh()])

@@ -1,0 +1,55 @@
+"""Training recipes by name: each is a function `fn(stage="fkl"|"rkl")` returning a training config.
+
+A Megatron Bridge `ConfigContainer` runs under Bridge (`nemo_paced.megatron.bridge.train`); a
+`nemo_paced.train.local.LocalTrainConfig` runs on the single-machine trainer. Names resolve to
+`module:function` import paths only when used, so listing them imports nothing, and any
+`module:function` path works in place of a name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class UnknownRecipe(LookupError):
+    """A recipe name or module:function path that does not resolve."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: str  # module:function
+    summary: str
+
+
+RECIPES: dict[str, Recipe] = {
+    "tiny_cpu": Recipe("recipes.tiny_cpu:tiny_cpu",
+                       "tiny teacher and student on the chain task; trains on this machine's CPU in minutes"),
+    "qwen3_8b_to_1p7b": Recipe("recipes.qwen3:qwen3_8b_to_1p7b_paced_8gpu_h100_bf16_config",
+                               "the paper's pair, Qwen3-8B -> Qwen3-1.7B; Bridge, 1 node of 8 H100 (TP2, DP4)"),
+    "qwen3_235b_a22b_to_8b": Recipe("recipes.qwen3:qwen3_235b_a22b_to_8b_paced_32gpu_h100_bf16_config",
+                                    "frontier MoE teacher, Qwen3-235B-A22B -> Qwen3-8B; Bridge, 4 nodes of 8 H100 "
+                                    "(TP4, PP8)"),
+}
+
+
+def resolve(name: str) -> Callable[..., Any]:
+    """The recipe function for a registered name or a `module:function` path."""
+    if name in RECIPES:
+        path = RECIPES[name].path
+    elif ":" in name:
+        path = name
+    else:
+        raise UnknownRecipe(f"unknown recipe {name!r}; known: {', '.join(RECIPES)} (or give module:function)")
+    module_name, _, function_name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise UnknownRecipe(f"recipe {name!r}: no module {module_name!r}") from error
+        raise
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UnknownRecipe(f"recipe {name!r}: {module_name} has no function {function_name!r}")
+    return function

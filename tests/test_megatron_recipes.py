@@ -1,0 +1,88 @@
+"""Recipe registry, the `nemo-paced train` command, and the documented H100 layouts."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from recipes import RECIPES, UnknownRecipe, resolve
+from recipes.qwen3 import FRONTIER_LAYOUT, PAIR_LAYOUT, Layout
+
+HAS_BRIDGE = importlib.util.find_spec("megatron.bridge") is not None
+
+
+def test_help_lists_every_recipe_and_stage():
+    out = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for name, recipe in RECIPES.items():
+        assert name in out and recipe.summary[:30] in out
+    assert "fkl" in out and "rkl" in out and "KEY=VALUE" in out
+
+
+def test_unknown_recipe_is_a_clear_error():
+    result = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--recipe", "qwen9", "--stage", "fkl"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "unknown recipe 'qwen9'; known: tiny_cpu, qwen3_8b_to_1p7b" in result.stderr
+    with pytest.raises(UnknownRecipe, match="has no function 'nope'"):
+        resolve("recipes.qwen3:nope")
+    with pytest.raises(UnknownRecipe, match="no module 'recipes.nowhere'"):
+        resolve("recipes.nowhere:f")
+
+
+def test_bridge_recipes_resolve_by_name_and_path():
+    for name in ("qwen3_8b_to_1p7b", "qwen3_235b_a22b_to_8b"):
+        function = resolve(name)
+        assert function is resolve(RECIPES[name].path) and function.__module__ == "recipes.qwen3"
+
+
+@pytest.mark.skipif(HAS_BRIDGE, reason="checks the message shown where Megatron Bridge is missing")
+def test_bridge_recipe_without_bridge_names_the_missing_package():
+    with pytest.raises(ImportError, match="needs Megatron Bridge"):
+        resolve("qwen3_8b_to_1p7b")(stage="fkl")
+
+
+# Shapes of the Hugging Face checkpoints (config.json of Qwen/Qwen3-1.7B, -8B, -235B-A22B).
+QWEN3_1P7B = dict(num_layers=28, hidden_size=2048, num_attention_heads=16, num_query_groups=8, ffn_hidden_size=6144)
+QWEN3_8B = dict(num_layers=36, hidden_size=4096, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=12288)
+QWEN3_235B = dict(num_layers=94, hidden_size=4096, num_attention_heads=64, num_query_groups=4, ffn_hidden_size=12288,
+                  num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=1536)
+
+
+def _checked(shape: dict, layout: Layout, stage_layers):
+    """Apply the layout to a real megatron-core config and let its validation run."""
+    from megatron.core.transformer import TransformerConfig
+
+    import torch
+
+    config = TransformerConfig(**shape, kv_channels=128, add_bias_linear=False, bf16=True,
+                               pipeline_dtype=torch.bfloat16)
+    layout.apply(config, stage_layers)
+    config.__post_init__()  # megatron-core's own checks of the parallel layout
+    return config
+
+
+@pytest.mark.parametrize("layout,student,teacher", [
+    (PAIR_LAYOUT, QWEN3_1P7B, QWEN3_8B),
+    (FRONTIER_LAYOUT, QWEN3_8B, QWEN3_235B),
+], ids=["qwen3_8b_to_1p7b", "qwen3_235b_a22b_to_8b"])
+def test_documented_layouts_pass_megatron_validation(layout, student, teacher):
+    s = _checked(student, layout, layout.student_stage_layers)
+    t = _checked(teacher, layout, layout.teacher_stage_layers)
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        assert getattr(s, name) == getattr(t, name)
+    assert s.context_parallel_size == 1 and s.virtual_pipeline_model_parallel_size is None
+    for config in (s, t):  # attention splits whole key/value groups over tensor-parallel ranks
+        assert config.num_query_groups % config.tensor_model_parallel_size == 0
+    if t.num_moe_experts:
+        assert t.expert_model_parallel_size == 1 and t.expert_tensor_parallel_size == t.tensor_model_parallel_size
+    for config, stages in ((s, layout.student_stage_layers), (t, layout.teacher_stage_layers)):
+        pp = config.pipeline_model_parallel_size
+        if stages:
+            middle = config.num_layers - sum(stages)
+            assert middle % (pp - 2) == 0
+        else:
+            assert config.num_layers % pp == 0
