@@ -39,9 +39,10 @@ _mode: _CudaToCpu | None = None
 def apply() -> None:
     """Install the shims in this process (idempotent)."""
     global _mode
-    if _mode is None:
-        _mode = _CudaToCpu()
-        _mode.__enter__()
+    if _mode is not None:
+        return
+    _mode = _CudaToCpu()
+    _mode.__enter__()
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
 

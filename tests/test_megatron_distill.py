@@ -82,7 +82,7 @@ def load_master_weights(model, seed: int, gain: float) -> None:
         param.data.copy_(full.chunk(tp, param.partition_dim)[tp_rank] if sharded else full)
 
 
-def gpt(shape: dict, seed: int, gain: float, tp: int, pp: int):
+def gpt(shape: dict, seed: int, gain: float, tp: int, pp: int, vocab: int = VOCAB):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -93,7 +93,7 @@ def gpt(shape: dict, seed: int, gain: float, tp: int, pp: int):
                                attention_dropout=0.0, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
                                masked_softmax_fusion=False, persist_layer_norm=False, apply_rope_fusion=False,
                                calculate_per_token_loss=True)
-    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ,
+    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=vocab, max_sequence_length=SEQ,
                      pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                      share_embeddings_and_output_weights=False)
     load_master_weights(model, seed, gain)
@@ -114,8 +114,9 @@ class Harness:
 
         from nemo_paced.megatron.teacher import distillation_model
 
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            tensor_parallel.model_parallel_cuda_manual_seed(1234)
         self.ps, self.tp = ps, tp
         self.teacher = gpt(TEACHER, seed=2, gain=3.0, tp=tp, pp=pp)
         self.kd = distillation_model(gpt(STUDENT, seed=1, gain=1.0, tp=tp, pp=pp), self.teacher, stage)
@@ -211,6 +212,7 @@ def train(h: Harness) -> dict:
 def reference_run(rank: int, world_size: int) -> dict:
     """TP=1, PP=1: the layout reference plus the weighting checks, all at the initial weights."""
     from nemo_paced.megatron.step import PacedForwardStep
+    from nemo_paced.megatron.teacher import TeacherMismatchError, distillation_model
 
     h = Harness(1, 1)
     rows = range(GLOBAL_BATCH)
@@ -235,7 +237,29 @@ def reference_run(rank: int, world_size: int) -> dict:
         bridge_signature=run(WEIGHTS, forward_step=lambda it, m: bridge_step("state", it, m, False))[:2],
     )
     out["layout"] = train(h)
+    out["reverse"] = reverse_kl_check()
+    try:
+        distillation_model(gpt(STUDENT, 1, 1.0, 1, 1), gpt(TEACHER, 2, 1.0, 1, 1, vocab=VOCAB + 32), "fkl")
+    except TeacherMismatchError as error:
+        out["vocab_mismatch"] = str(error)
     return to_numpy(out)
+
+
+def reverse_kl_check() -> tuple[float, float]:
+    """The rkl stage's loss, and the same loss computed here from the two models' full logits."""
+    h = Harness(1, 1, "rkl")
+    batch = global_batch()
+    sums = _paced_sums(h.step(microbatches(batch, range(GLOBAL_BATCH), MICRO), MICRO))
+    with torch.no_grad():
+        teacher = h.teacher(batch["tokens"], batch["position_ids"], None).float().log_softmax(-1)
+        with h.kd.only_student_forward():
+            student = h.kd(batch["tokens"], batch["position_ids"], None).float().log_softmax(-1)
+    per_token = (student.exp() * (student - teacher)).sum(-1)  # KL(student || teacher)
+    mask = batch["loss_mask"]
+    tokens = mask.sum(-1)
+    weight = batch["sample_weight"] * (tokens > 0)
+    ell = (per_token * mask).sum(-1) / tokens.clamp(min=1)
+    return (sums[0] / sums[1]).item(), ((weight * ell).sum() / weight.sum()).item()
 
 
 # --- the tests ----------------------------------------------------------------------------------
@@ -304,6 +328,15 @@ def test_report_holds_kl_weights_ess_and_pass_rate_bins(reference):
     bin_half = total("kl pass [0.50,0.75)")
     assert bin_half[1] == 3 and bin_half[0] == pytest.approx(ell[0] + ell[2] + ell[4], rel=1e-5)
     assert total("kl pass [0.75,1.00]")[1] == 2  # sequence 6 (no tokens) is left out
+
+
+def test_rkl_stage_computes_reverse_kl(reference):
+    from_step, by_hand = reference["reverse"]
+    assert from_step == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_teacher_with_another_vocabulary_is_rejected(reference):
+    assert "vocabulary sizes differ: student=96, teacher=128" in reference["vocab_mismatch"]
 
 
 def test_training_reduces_kl_and_leaves_teacher_untouched(reference):
