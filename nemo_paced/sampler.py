@@ -146,6 +146,7 @@ class PacedSampler:
         self._version: int | None = None
         self._weights: np.ndarray | None = None
         self._newest_step: int | None = None
+        self._extremes = (0, 0, 0)  # problems at p=0, at p=1 and never estimated, for the all-zero message
         self._batch: tuple[np.ndarray, np.ndarray] | None = None  # this rank's (indices, loss weights)
 
     # --- public state ---------------------------------------------------------------------------
@@ -205,14 +206,10 @@ class PacedSampler:
         return ones, ones
 
     def _all_zero_message(self) -> str:
-        table = self._source() if self._is_source() else None
-        detail = ""
-        if table is not None:
-            rates = table.pass_rates(self.problem_ids)
-            detail = (f" ({int(np.sum(rates == 0))} at p=0, {int(np.sum(rates == 1))} at p=1, "
-                      f"{int(np.sum(np.isnan(rates)))} never estimated)")
+        at_zero, at_one, unknown = self._extremes
         return (f"all {len(self.problem_ids)} problems have weight 0 under mode "
-                f"'{self.config.weighting.mode.value}' with table version {self._version}{detail}")
+                f"'{self.config.weighting.mode.value}' with table version {self._version} ({at_zero} at p=0, "
+                f"{at_one} at p=1, {unknown} never estimated)")
 
     # --- refresh --------------------------------------------------------------------------------
 
@@ -229,7 +226,9 @@ class PacedSampler:
             if table.version != self._version or self._weights is None:
                 weights = table.weights(self.problem_ids, self.config.weighting, self.config.unknown)
                 steps = [r.step for r in (table.get(i) for i in self.problem_ids) if r is not None and r.step is not None]
-                payload = (table.version, weights, max(steps) if steps else None)
+                rates = table.pass_rates(self.problem_ids)
+                extremes = (int(np.sum(rates == 0)), int(np.sum(rates == 1)), int(np.sum(np.isnan(rates))))
+                payload = (table.version, weights, max(steps) if steps else None, extremes)
         if dist.is_initialized() and dist.get_world_size(self.group) > 1:
             box = [payload]
             dist.broadcast_object_list(box, src=self._source_rank(), group=self.group)
@@ -237,9 +236,10 @@ class PacedSampler:
         if payload is not None:
             self._swap(*payload)
 
-    def _swap(self, version: int, weights: np.ndarray, newest_step: int | None) -> None:
+    def _swap(self, version: int, weights: np.ndarray, newest_step: int | None, extremes: tuple[int, int, int]) -> None:
         previous = self._version
         self._version, self._weights, self._newest_step = version, np.asarray(weights, np.float64), newest_step
+        self._extremes = extremes
         age = self.table_age()
         log.info("pass-rate table version %d in use from step %d (was %s): age %s steps, %d of %d problems "
                  "with weight > 0, effective sample size %.1f", version, self._step, previous,
@@ -253,7 +253,7 @@ class PacedSampler:
         return {"format": STATE_FORMAT, "problems": _fingerprint(self.problem_ids), "seed": self.config.seed,
                 "global_batch_size": self.config.global_batch_size, "micro_batch_size": self.config.micro_batch_size,
                 "dp_size": self.dp_size, "step": self._step, "micro": self._micro, "table_version": self._version,
-                "newest_step": self._newest_step,
+                "newest_step": self._newest_step, "extremes": list(self._extremes),
                 "weights": None if self._weights is None else self._weights.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -269,6 +269,7 @@ class PacedSampler:
                                  f"state and {expected!r} here")
         self._step, self._micro = int(state["step"]), int(state["micro"])
         self._version, self._newest_step = state["table_version"], state["newest_step"]
+        self._extremes = tuple(state["extremes"])
         self._weights = None if state["weights"] is None else np.asarray(state["weights"], np.float64)
         self._batch = None
 
