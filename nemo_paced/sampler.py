@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from nemo_paced.passrates import PassRateTable, UnknownPolicy
@@ -147,6 +148,7 @@ class PacedSampler:
         self._weights: np.ndarray | None = None
         self._newest_step: int | None = None
         self._extremes = (0, 0, 0)  # problems at p=0, at p=1 and never estimated, for the all-zero message
+        self._distribution: tuple[np.ndarray, np.ndarray, bool] | None = None  # cached per weights
         self._batch: tuple[np.ndarray, np.ndarray] | None = None  # this rank's (indices, loss weights)
 
     # --- public state ---------------------------------------------------------------------------
@@ -187,23 +189,27 @@ class PacedSampler:
         steps_in = self._step - self.config.first_step
         if self._weights is None or (refresh and steps_in % self.config.refresh_every == 0):
             self._refresh()
-        draw, loss = self._distribution()
-        global_batch = draw_global_batch(draw, self.config.global_batch_size, self.config.seed, self._step)
+        if self._distribution is None:
+            self._distribution = self._draw_distribution()
+        cumulative, loss, fallback = self._distribution
+        if fallback:
+            log.warning("%s; on_all_zero='uniform': drawing every problem with weight 1 at step %d",
+                        self._all_zero_message(), self._step)
+        global_batch = draw_global_batch(cumulative, self.config.global_batch_size, self.config.seed, self._step)
         share = self.config.global_batch_size // self.dp_size
         mine = global_batch[self.dp_rank * share:(self.dp_rank + 1) * share]
         self._batch = (mine, loss[mine].astype(np.float32))
 
-    def _distribution(self) -> tuple[np.ndarray, np.ndarray]:
+    def _draw_distribution(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(cumulative draw weights, loss weights, whether the uniform fallback is in force) for the weights held."""
         draw, loss = self.config.weighting.draw_and_loss(self._weights)
         if draw.sum() > 0:
-            return draw, loss
-        message = self._all_zero_message()
+            return np.cumsum(draw), loss, False
         if self.config.on_all_zero == "stop":
-            raise AllWeightsZero(message + "; the stage is over (set on_all_zero='uniform' to keep training "
-                                           "on every problem with weight 1)")
-        log.warning("%s; on_all_zero='uniform': drawing every problem with weight 1 at step %d", message, self._step)
+            raise AllWeightsZero(self._all_zero_message() + "; the stage is over (set on_all_zero='uniform' to "
+                                                            "keep training on every problem with weight 1)")
         ones = np.ones(len(self.problem_ids))
-        return ones, ones
+        return np.cumsum(ones), ones, True
 
     def _all_zero_message(self) -> str:
         at_zero, at_one, unknown = self._extremes
@@ -224,22 +230,32 @@ class PacedSampler:
         if self._is_source():
             table = self._source()
             if table.version != self._version or self._weights is None:
-                weights = table.weights(self.problem_ids, self.config.weighting, self.config.unknown)
-                steps = [r.step for r in (table.get(i) for i in self.problem_ids) if r is not None and r.step is not None]
-                rates = table.pass_rates(self.problem_ids)
-                extremes = (int(np.sum(rates == 0)), int(np.sum(rates == 1)), int(np.sum(np.isnan(rates))))
-                payload = (table.version, weights, max(steps) if steps else None, extremes)
-        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            box = [payload]
-            dist.broadcast_object_list(box, src=self._source_rank(), group=self.group)
-            payload = box[0]
+                payload = (table.version, table.weights(self.problem_ids, self.config.weighting, self.config.unknown),
+                           *_evidence(table, self.problem_ids))
+        payload = self._agree(payload)
         if payload is not None:
             self._swap(*payload)
+
+    def _agree(self, payload: tuple | None) -> tuple | None:
+        """The source's payload on every rank of the group: one small broadcast says whether there is
+        one, and only a new table is sent as an object."""
+        if not dist.is_initialized() or dist.get_world_size(self.group) == 1:
+            return payload
+        nccl = dist.get_backend(self.group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        flag = torch.tensor([payload is not None], dtype=torch.int64, device=device)
+        dist.broadcast(flag, src=self._source_rank(), group=self.group)
+        if not flag.item():
+            return None
+        box = [payload]
+        dist.broadcast_object_list(box, src=self._source_rank(), group=self.group)
+        return box[0]
 
     def _swap(self, version: int, weights: np.ndarray, newest_step: int | None, extremes: tuple[int, int, int]) -> None:
         previous = self._version
         self._version, self._weights, self._newest_step = version, np.asarray(weights, np.float64), newest_step
         self._extremes = extremes
+        self._distribution = None
         age = self.table_age()
         log.info("pass-rate table version %d in use from step %d (was %s): age %s steps, %d of %d problems "
                  "with weight > 0, effective sample size %.1f", version, self._step, previous,
@@ -271,16 +287,28 @@ class PacedSampler:
         self._version, self._newest_step = state["table_version"], state["newest_step"]
         self._extremes = tuple(state["extremes"])
         self._weights = None if state["weights"] is None else np.asarray(state["weights"], np.float64)
-        self._batch = None
+        self._distribution, self._batch = None, None
 
 
-def draw_global_batch(draw_weights: np.ndarray, size: int, seed: int, step: int) -> np.ndarray:
-    """`size` i.i.d. indices with probability proportional to draw_weights, a pure function of (seed, step)."""
-    weights = np.asarray(draw_weights, np.float64)
-    cumulative = np.cumsum(weights)
-    uniforms = np.random.default_rng([seed, step]).random(size) * cumulative[-1]
-    # side="right" never lands on a zero-weight index; the clamp guards u rounding up to the total
-    return np.minimum(np.searchsorted(cumulative, uniforms, side="right"), np.flatnonzero(weights > 0)[-1])
+def draw_global_batch(cumulative: np.ndarray, size: int, seed: int, step: int) -> np.ndarray:
+    """`size` i.i.d. indices, index i with probability proportional to its weight (cumulative[i] -
+    cumulative[i-1]); a pure function of (seed, step) given the weights."""
+    total = cumulative[-1]
+    uniforms = np.random.default_rng([seed, step]).random(size) * total
+    # side="right" never lands on a zero-weight index; the clamp (to the last positive weight)
+    # guards against u rounding up to the total
+    last = np.searchsorted(cumulative, total, side="left")
+    return np.minimum(np.searchsorted(cumulative, uniforms, side="right"), last)
+
+
+def _evidence(table: PassRateTable, problem_ids: Sequence[str]) -> tuple[int | None, tuple[int, int, int]]:
+    """The step of the newest evidence, and how many problems sit at p=0, at p=1 and are unestimated."""
+    records = [table.get(i) for i in problem_ids]
+    known = [r for r in records if r is not None]
+    steps = [r.step for r in known if r.step is not None]
+    extremes = (sum(r.successes == 0 for r in known), sum(r.successes == r.trials for r in known),
+                len(records) - len(known))
+    return (max(steps) if steps else None), extremes
 
 
 def _fingerprint(problem_ids: Sequence[str]) -> str:
