@@ -123,6 +123,7 @@ def test_environment_variables_set_knobs_and_flags_win():
     (["--fail-stage", "stage3"], "PACED_FAIL_STAGE must be one of"),
     (["--cpus-per-task", "0"], "PACED_CPUS_PER_TASK must be a positive whole number, got '0'"),
     (["--colour", "red"], "unknown option --colour"),
+    (["--train-keys", "a={out} b={nope}"], "PACED_TRAIN_KEYS has unknown placeholders: {nope}"),
     (["--nodes"], "--nodes needs a value"),
 ])
 def test_bad_settings_name_the_setting(args, message):
