@@ -109,12 +109,20 @@ class TableFile:
         return self._table
 
 
-def reader_group(is_reader: bool) -> dist.ProcessGroup:
-    """A process group of the ranks that read data (call on every rank, e.g. with
-    `is_reader = is_pipeline_first_stage() or is_pipeline_last_stage()`)."""
+def reader_group(is_reader: bool, replica: int | None = None) -> dist.ProcessGroup | None:
+    """The process group of the ranks that read data; call it on every rank, e.g. with
+    `is_reader = is_pipeline_first_stage() or is_pipeline_last_stage()`.
+
+    Without `replica` it spans every reader (the sampler's group). With `replica` (the DP rank) it
+    spans the readers of that data-parallel replica: the peers that must see the same on-policy
+    samples (`onpolicy.OnPolicyBatches`). Ranks that do not read get None.
+    """
     flags: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, bool(is_reader))
-    return dist.new_group([rank for rank, reads in enumerate(flags) if reads])
+    dist.all_gather_object(flags, (bool(is_reader), replica))
+    groups = {}
+    for key in sorted({r for reads, r in flags if reads}, key=str):  # every rank creates every group, in order
+        groups[key] = dist.new_group([rank for rank, (reads, r) in enumerate(flags) if reads and r == key])
+    return groups[replica] if is_reader else None
 
 
 class PacedSampler:

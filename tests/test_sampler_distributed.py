@@ -48,6 +48,8 @@ def _ranks(rank: int, world_size: int) -> dict:
     table = _table() if rank == 0 else None
     sampler = PacedSampler(IDS, CONFIG, table if rank == 0 else _refuse, dp_rank=rank // 2, dp_size=2)
     tp_layout = _run(sampler, table)
+    replica = reader_group(True, replica=rank // 2)  # the peers that must share on-policy samples
+    replica_ranks = dist.get_process_group_ranks(replica)
     # PP4 with one DP replica: only the first and last stages read data, agreeing inside their group.
     readers = reader_group(rank in (0, 3))
     pp_layout = None
@@ -56,7 +58,7 @@ def _ranks(rank: int, world_size: int) -> dict:
         sampler = PacedSampler(IDS, CONFIG, mine, group=readers)
         pp_layout = _run(sampler, mine if rank == 0 else None)
     dist.barrier()
-    return {"tp": tp_layout, "pp": pp_layout}
+    return {"tp": tp_layout, "pp": pp_layout, "replica": replica_ranks, "reader": readers is not None}
 
 
 @pytest.mark.distributed
@@ -74,6 +76,9 @@ def test_tp_peers_see_identical_batches_and_dp_shards_cover_the_global_batch():
         np.testing.assert_array_equal(np.concatenate(shards), expected)  # DP0 then DP1 slot order = the global batch
         weights = np.concatenate([d[3] for rank in (tp[0], tp[2]) for d in rank if d[0] == step])
         np.testing.assert_allclose(weights, np.concatenate([d[3] for d in reference if d[0] == step]))
+
+    assert [r["replica"] for r in results] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["reader"] for r in results] == [True, False, False, True]
 
     pp = [r["pp"] for r in results]
     assert pp[1] is None and pp[2] is None
