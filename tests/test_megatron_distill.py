@@ -2,14 +2,15 @@
 
 Tiny GPT teacher and student (megatron-core local layer spec) are distilled with ModelOpt's
 distillation model, the Paced KL criterion and `PacedForwardStep`, wrapped in megatron DDP with
-`finalize_model_grads`, exactly as a GPU run is. Every layout (TP=2, PP=2 with DP=2, TP=2 x PP=2)
-starts from the same master weights and sees the same global batch as a TP=1, PP=1 reference, and
-must reproduce its losses and student gradients. The reference run also checks the weighting
+`finalize_model_grads`, exactly as a GPU run is. Every layout on 4 ranks (TP=2 x PP=2, PP=2 x DP=2,
+TP=2 x DP=2) starts from the same master weights and sees the same global batch as a TP=1, PP=1
+reference, and must reproduce its losses and its student gradients over several SGD steps. The reference run also checks the weighting
 against the hand formula  grad L = sum_x w_x grad l_x / sum_x w_x.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 
@@ -181,8 +182,20 @@ def to_numpy(obj):
     return obj
 
 
-def layout_run(rank: int, world_size: int, tp: int, pp: int, stage: str) -> dict:
-    return to_numpy(train(Harness(tp, pp, stage)))
+LAYOUTS = {"tp2xpp2": (2, 2), "pp2-dp2": (1, 2), "tp2-dp2": (2, 1)}  # all on 4 ranks
+
+
+def layouts_run(rank: int, world_size: int) -> dict[str, dict]:
+    """Every layout in one 4-rank world (imports cost more than the runs): set up, train, tear down."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    results = {}
+    for name, (tp, pp) in LAYOUTS.items():
+        results[name] = to_numpy(train(Harness(tp, pp)))
+        ps.destroy_model_parallel()
+        tensor_parallel.get_cuda_rng_tracker().reset()
+    return results
 
 
 def train(h: Harness) -> dict:
@@ -346,11 +359,17 @@ def test_training_reduces_kl_and_leaves_teacher_untouched(reference):
     assert run["teacher_unchanged"] and run["student_changed"]
 
 
-@pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 4), (2, 2, 4)], ids=["tp2", "pp2-dp2", "tp2xpp2"])
-def test_parallel_layout_matches_single_process(reference, tp, pp, world):
-    ranks = run_ranks(layout_run, world, tp, pp, "fkl")
+@pytest.fixture(scope="module")
+def layouts():
+    return run_ranks(layouts_run, 4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parallel_layout_matches_single_process(reference, layouts, layout):
+    ranks = [by_layout[layout] for by_layout in layouts]
     ref = reference["layout"]
     last = [r for r in ranks if r["is_last"]]
+    assert sorted(r["dp_rank"] for r in last if r["tp_rank"] == 0) == list(range(4 // math.prod(LAYOUTS[layout])))
     for step, ref_sums in enumerate(ref["sums"]):  # the whole SGD trajectory, not just the first step
         total = sum({r["dp_rank"]: r["sums"][step] for r in last}.values())
         assert (total[0] / total[1]).item() == pytest.approx((ref_sums[0] / ref_sums[1]).item(), rel=1e-4)

@@ -143,8 +143,7 @@ class PacedForwardStep:
         per_token, tp_reduce, _ = next(iter(losses.values()))
         if tp_reduce:
             raise ValueError("the criterion returns partial per-shard KL; use nemo_paced.megatron.PacedLogitsKL")
-        loss_mask, weight = batch["loss_mask"].float(), batch["sample_weight"].float()
-        weighted_sum, weight_sum = paced_reduce(per_token, loss_mask, weight)
+        weighted_sum, weight_sum = paced_reduce(per_token, batch["loss_mask"], batch["sample_weight"])
         W = totals.weight_sum
         loss = torch.where(W > 0, weighted_sum / W.clamp(min=torch.finfo(torch.float32).tiny), weighted_sum * 0)
         return loss, torch.zeros([], dtype=torch.int, device=loss.device), self._report(per_token, batch, totals,
@@ -152,9 +151,11 @@ class PacedForwardStep:
 
     def _report(self, per_token, batch, totals, weighted_sum, weight_sum) -> dict[str, torch.Tensor]:
         """(sum, count) pairs: Bridge sums them over micro-batches and DP ranks and logs sum / count."""
-        mask = batch["loss_mask"].float()
-        has_tokens = mask.sum(-1) > 0
-        seq_kl = ((per_token.detach().float() * mask).sum(-1) / mask.sum(-1).clamp(min=1))[has_tokens]
+        mask = batch["loss_mask"] != 0
+        tokens = mask.sum(-1)
+        has_tokens = tokens > 0
+        kl = torch.where(mask, per_token.detach().float(), 0.0)  # select, so inf/NaN at masked positions stay out
+        seq_kl = (kl.sum(-1) / tokens.clamp(min=1))[has_tokens]
         weight = batch["sample_weight"].float()
         pair = lambda total, count: torch.stack([torch.as_tensor(total, dtype=torch.float32, device=weight.device),
                                                  torch.as_tensor(count, dtype=torch.float32, device=weight.device)])
