@@ -72,7 +72,6 @@ class OnPolicyBatches:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onpolicy") if self._leader else None
         self._pending: collections.deque[tuple[dict, Draw, Future | None]] = collections.deque()
         self._exhausted: AllWeightsZero | None = None
-        self.last_lag: int | None = None
 
     def __iter__(self) -> "OnPolicyBatches":
         return self
@@ -85,7 +84,6 @@ class OnPolicyBatches:
         rollouts = self._receive(future)
         self._top_up()  # keep the worker busy while this batch trains
         lag = None if rollouts.step is None else draw.step - rollouts.step
-        self.last_lag = lag
         if draw.micro == 0:
             log.info("on-policy samples for step %d from %s (step %s): lag %s steps, %d micro-batches prefetched",
                      draw.step, rollouts.checkpoint, rollouts.step, "unknown" if lag is None else lag,
