@@ -17,7 +17,8 @@ off-policy. Each batch carries `rollout_lag` (None when the service does not kno
 `rollout_checkpoint`; the lag is logged once per global batch.
 
 Resume: `state_dict` is the sampler's state before the oldest micro-batch not yet handed out, so a
-resumed job trains on the same problem sequence; the samples themselves are drawn afresh.
+resumed job trains on the same problem sequence. The samples are drawn afresh; with
+`SamplingSettings.seed` set they are the same too, given the same weights in the service.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch.distributed as dist
 
 from nemo_paced.batches import BatchBuilder, Pair
@@ -44,6 +46,7 @@ class SamplingSettings:
     top_p: float | None = None
     max_tokens: int | None = None
     fold: bool = True  # pool the verifier scores into the service's pass-rate table
+    seed: int | None = None  # set: each micro-batch's request is seeded from (seed, step, micro), reproducible
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,9 @@ class OnPolicyBatches:
 
     def _fetch(self, draw: Draw) -> Rollouts:
         s = self.sampling
+        seed = None if s.seed is None else int(np.random.SeedSequence([s.seed, draw.step, draw.micro]).generate_state(1)[0])
         answer = self.client.sample(draw.problem_ids, n=1, temperature=s.temperature, top_p=s.top_p,
-                                    max_tokens=s.max_tokens, fold=s.fold)
+                                    max_tokens=s.max_tokens, seed=seed, fold=s.fold)
         pairs = [(r.problem_id, list(r.prompt_token_ids), list(r.samples[0].token_ids)) for r in answer.problems]
         if [p[0] for p in pairs] != draw.problem_ids:
             raise RuntimeError(f"the rollout service answered for {[p[0] for p in pairs]}, "

@@ -15,7 +15,7 @@ from rollout_toys import TOY_PROBLEMS, save_tiny_model
 
 from gloo_ranks import run_ranks
 from nemo_paced.batches import BatchBuilder
-from nemo_paced.onpolicy import OnPolicyBatches
+from nemo_paced.onpolicy import OnPolicyBatches, SamplingSettings
 from nemo_paced.passrates import PassRateTable
 from nemo_paced.rollout.client import RolloutClient
 from nemo_paced.sampler import AllWeightsZero, PacedSampler, SamplerConfig
@@ -106,19 +106,23 @@ def test_batches_from_the_service_are_prefetched_weighted_and_report_their_lag(s
     source.close()
 
 
-def test_resume_continues_the_same_problem_sequence(service):
+def test_resume_continues_the_same_problems_and_seeded_samples(service):
     root, client = service
     table = _table()
-    source = OnPolicyBatches(PacedSampler(IDS, CONFIG, table), client, _builder(root), prefetch=2)
+    seeded = SamplingSettings(seed=11, fold=False)
+    source = OnPolicyBatches(PacedSampler(IDS, CONFIG, table), client, _builder(root), prefetch=2, sampling=seeded)
     for _ in range(3):
         next(source)
     state = json.loads(json.dumps(source.state_dict()))
-    expected = [next(source)["problem_ids"] for _ in range(4)]
+    expected = [next(source) for _ in range(4)]
     source.close()
-    resumed = OnPolicyBatches(PacedSampler(IDS, CONFIG, table), client, _builder(root), prefetch=3)
+    resumed = OnPolicyBatches(PacedSampler(IDS, CONFIG, table), client, _builder(root), prefetch=3, sampling=seeded)
     resumed.load_state_dict(state)
-    assert [next(resumed)["problem_ids"] for _ in range(4)] == expected
+    got = [next(resumed) for _ in range(4)]
     resumed.close()
+    assert [b["problem_ids"] for b in got] == [b["problem_ids"] for b in expected]
+    for a, b in zip(got, expected):  # same seeds, same weights: the very same samples
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["loss_mask"], b["loss_mask"])
 
 
 def test_prefetched_batches_are_trained_before_the_stage_stops(service):
