@@ -186,10 +186,11 @@ class PacedSampler:
         part = slice(self._micro * size, (self._micro + 1) * size)
         draw = Draw(self._step, self._micro, indices[part], [self.problem_ids[i] for i in indices[part]],
                     weights[part], self._version, self.table_age())
+        out = draw if self.collate is None else self.collate(draw)  # a failed collate does not skip the draw
         self._micro += 1
         if self._micro == self.micro_batches_per_step:
             self._micro, self._step, self._batch = 0, self._step + 1, None
-        return draw if self.collate is None else self.collate(draw)
+        return out
 
     # --- drawing --------------------------------------------------------------------------------
 

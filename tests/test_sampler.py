@@ -166,3 +166,18 @@ def test_draw_never_returns_a_zero_weight_index_at_the_edges():
     weights = np.array([0.0, 1e-300, 0.0, 1.0, 0.0])
     indices = np.concatenate([draw_global_batch(np.cumsum(weights), 1000, seed, 0) for seed in range(20)])
     assert set(np.unique(indices).tolist()) <= {1, 3}
+
+
+def test_a_failed_collate_is_retried_with_the_same_draw():
+    calls = []
+
+    def flaky(draw):
+        calls.append(draw.indices.tolist())
+        if len(calls) == 1:
+            raise ConnectionError("service briefly down")
+        return draw
+
+    s = PacedSampler(IDS, SamplerConfig(16, 4, seed=7), table(), collate=flaky)
+    with pytest.raises(ConnectionError):
+        next(s)
+    assert next(s).indices.tolist() == calls[0] and s.step == 0
