@@ -33,6 +33,7 @@ import numpy as np
 import torch.distributed as dist
 
 from nemo_paced.batches import BatchBuilder, Pair
+from nemo_paced.rollout.client import RolloutClient
 from nemo_paced.sampler import AllWeightsZero, Draw, PacedSampler
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,14 @@ class Rollouts:
 
 
 class OnPolicyBatches:
-    """Iterator of micro-batch dicts for reverse KL; use it where a PacedSampler with a collate would go."""
+    """Iterator of micro-batch dicts for reverse KL; use it where a PacedSampler with a collate would go.
 
-    def __init__(self, sampler: PacedSampler, client: Any, builder: BatchBuilder, *, prefetch: int = 2,
+    `group` holds the ranks of one DP replica that read data: under Megatron
+    `sampler.reader_group(is_first_or_last_stage, replica=dp_rank)`; the default (the world) suits a
+    single replica. Only the group's first rank needs a working `client`.
+    """
+
+    def __init__(self, sampler: PacedSampler, client: RolloutClient, builder: BatchBuilder, *, prefetch: int = 2,
                  sampling: SamplingSettings = SamplingSettings(), group: dist.ProcessGroup | None = None) -> None:
         if sampler.collate is not None:
             raise ValueError("give OnPolicyBatches a sampler without a collate: it builds the batches itself")
