@@ -53,7 +53,9 @@ def test_loss_mode_draws_uniformly_among_positive_weights_and_carries_w():
 
 def test_filter_and_uniform_modes():
     indices, weights, _ = drawn(sampler("filter"), 8 * 50)
-    assert set(np.unique(indices).tolist()) == {2, 3, 4}  # 0.2 < p < 0.8: 2/8, 4/8, 6/8
+    counts = np.bincount(indices, minlength=len(IDS))
+    assert set(np.flatnonzero(counts).tolist()) == {2, 3, 4}  # 0.2 < p < 0.8: 2/8, 4/8, 6/8
+    assert chisquare(counts[2:5]).pvalue > 1e-3  # uniform inside the band
     assert set(weights.tolist()) == {1.0}
     indices, weights, _ = drawn(sampler("uniform"), 8 * 50)
     assert set(np.unique(indices).tolist()) == set(range(len(IDS)))
@@ -160,6 +162,9 @@ def test_bad_settings_are_refused():
         sampler(dp_rank=2, dp_size=2)
     with pytest.raises(ValueError, match="unique"):
         PacedSampler(["a", "a"], SamplerConfig(8), table())
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SamplerConfig(8, weighting={"mode": "soft"})
+    assert SamplerConfig(8, weighting={"mode": "sample"}).weighting == WeightConfig(mode="sample")  # from YAML
 
 
 def test_draw_never_returns_a_zero_weight_index_at_the_edges():
