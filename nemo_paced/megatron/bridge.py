@@ -42,15 +42,16 @@ except ImportError as error:  # pragma: no cover - depends on the machine
 from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
-from nemo_paced.batches import BatchBuilder, Pair
+from nemo_paced.batches import BatchBuilder
 from nemo_paced.megatron.criterion import Stage, paced_criterion, parse_stage
 from nemo_paced.megatron.step import PacedForwardStep
 from nemo_paced.megatron.teacher import check_tokenizers, check_vocab
 from nemo_paced.passrates import UnknownPolicy
-from nemo_paced.problems import load_problems, render_prompt
+from nemo_paced.problems import load_problems
 from nemo_paced.references import ReferenceBatches, load_references
 from nemo_paced.rollout.client import RolloutClient
-from nemo_paced.sampler import Draw, PacedSampler, SamplerConfig, reader_group
+from nemo_paced.onpolicy import OnPolicyBatches, SamplingSettings
+from nemo_paced.sampler import PacedSampler, SamplerConfig, reader_group
 from nemo_paced.weighting import WeightConfig
 
 log = logging.getLogger(__name__)
@@ -83,20 +84,6 @@ def paced_distillation_provider(student, teacher, stage: Stage | str, temperatur
 
 # --- data --------------------------------------------------------------------------------------
 
-class OnPolicyBatches:
-    """The sampler's collate for the rkl stage: one fresh sample per drawn problem from the student's
-    weights loaded in the rollout service; their scores are pooled into the pass-rate table too."""
-
-    def __init__(self, client: RolloutClient, builder: BatchBuilder, max_tokens: int | None = None):
-        self.client, self.builder, self.max_tokens = client, builder, max_tokens
-
-    def __call__(self, draw: Draw) -> dict[str, Any]:
-        batch = self.client.sample(draw.problem_ids, n=1, max_tokens=self.max_tokens)
-        pairs = [Pair(p.problem_id, p.prompt_token_ids, p.samples[0].token_ids, float(w))
-                 for p, w in zip(batch.problems, draw.weights)]
-        return self.builder.micro_batch(pairs)
-
-
 @dataclass(kw_only=True)
 class PacedDataset(DatasetProvider):
     """Bridge's external data source for Paced distillation (`dataloader_type="external"`).
@@ -127,39 +114,44 @@ class PacedDataset(DatasetProvider):
 
         if self.global_batch_size is None or self.micro_batch_size is None:
             raise ValueError("PacedDataset batch sizes are unset; launch through nemo_paced.megatron.bridge.train")
-        tokenizer = AutoTokenizer.from_pretrained(self.student)
-        builder = BatchBuilder(tokenizer, self.seq_length)
+        builder = BatchBuilder(AutoTokenizer.from_pretrained(self.student), self.seq_length)
         client = RolloutClient.connect(self.service)
         problems = load_problems(self.problems)
-        if parse_stage(self.stage) is Stage.FKL:
-            if not self.references:
-                raise ValueError("the fkl stage trains on teacher references: set dataset.references")
-            collate = ReferenceBatches(problems, load_references(self.references), builder, self.template)
-            ids = collate.problem_ids
-        else:
-            collate, ids = OnPolicyBatches(client, builder, self.max_response_tokens), [p.id for p in problems]
-        # every rank runs this; the ranks that read data agree on table refreshes through their own group
-        group = reader_group(parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage())
-        sampler = PacedSampler(
-            ids, SamplerConfig(self.global_batch_size, self.micro_batch_size, self.weighting, self.seed,
-                               self.unknown, refresh_every=self.refresh_every),
-            client.refresh_table, dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=parallel_state.get_data_parallel_world_size(), group=group,
-            collate=WithPassRates(collate, client))
-        return sampler, None, None
+        fkl = parse_stage(self.stage) is Stage.FKL
+        if fkl and not self.references:
+            raise ValueError("the fkl stage trains on teacher references: set dataset.references")
+        collate = ReferenceBatches(problems, load_references(self.references), builder, self.template) if fkl else None
+        # Every rank runs this (Bridge builds custom datasets on all ranks), so the groups can be made here.
+        reads = parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        readers = reader_group(reads)
+        replica = reader_group(reads, replica=dp_rank)
+        config = SamplerConfig(self.global_batch_size, self.micro_batch_size, self.weighting, self.seed, self.unknown,
+                               refresh_every=self.refresh_every)
+        sampler = PacedSampler(collate.problem_ids if fkl else [p.id for p in problems], config,
+                               client.refresh_table, dp_rank=dp_rank, dp_size=dp_size, group=readers, collate=collate)
+        source = sampler if fkl else OnPolicyBatches(
+            sampler, client, builder, sampling=SamplingSettings(max_tokens=self.max_response_tokens), group=replica)
+        return WithPassRates(source, client, self.refresh_every * sampler.micro_batches_per_step), None, None
 
 
 class WithPassRates:
-    """Adds each sequence's current pass rate to a micro-batch, for the per-bin KL report."""
+    """Adds each sequence's pass rate (-1 if never estimated) to the micro-batches, for the per-bin KL
+    report; the local copy of the table is refreshed every `refresh_batches` micro-batches."""
 
-    def __init__(self, collate, client: RolloutClient):
-        self.collate, self.client = collate, client
+    def __init__(self, source, client: RolloutClient, refresh_batches: int):
+        self.source, self.client, self.refresh_batches = source, client, refresh_batches
+        self._count = 0
 
-    def __call__(self, draw: Draw) -> dict[str, Any]:
-        batch = self.collate(draw)
-        if self.client.table.version < draw.table_version:  # only the sampler's source rank keeps it current
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self.source)
+        if self._count % self.refresh_batches == 0:
             self.client.refresh_table()
-        rates = self.client.table.pass_rates(draw.problem_ids)
+        self._count += 1
+        rates = self.client.table.pass_rates(batch["problem_ids"])
         batch["pass_rate"] = torch.from_numpy(np.nan_to_num(rates, nan=-1.0).astype(np.float32))
         return batch
 
