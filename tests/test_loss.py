@@ -78,11 +78,11 @@ def test_large_logits_are_stable():
     check("reverse", {}, s, t, w)
 
 
-def test_forward_kl_of_teacher_without_support_is_inf_and_zero_where_teacher_has_none():
+def test_kl_where_only_the_student_has_minus_inf_is_huge_and_zero_where_teacher_has_none():
     s = torch.tensor([[0.0, 0.0, float("-inf")], [0.0, 1.0, 2.0]])
     t = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.0, float("-inf")]])
     v = vocab_parallel_kl(s, t)
-    assert v[0] == float("inf") and torch.isfinite(v[1])
+    assert v[0] > 1e29 and torch.isfinite(v).all() and 0 < v[1] < 10
 
 
 def test_teacher_gets_no_gradient_and_student_only_once():

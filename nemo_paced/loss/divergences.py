@@ -1,18 +1,19 @@
 """Per-chunk divergence math on one vocabulary shard: value and gradient, no autograd.
 
-Every function here sees one chunk of tokens: globally normalised student and teacher
-log-probabilities and probabilities of this rank's vocabulary shard, all fp32 `[n, V_local]`.
+Every function here sees one chunk of tokens on this rank's vocabulary shard, with the softmax
+statistics of the student and the teacher over the full vocabulary (fp32 `[n, V_local]` buffers).
 Sums over the vocabulary are *partial* on a shard; `comm` turns them into full-vocabulary
 per-token sums with scalar all-reduces (never the vocabulary itself). Each function returns the
-per-token divergence `[n]` (identical on every rank) and, when asked, its gradient with respect to
-the tempered student logits `z_S / T` on this shard (the caller divides by T once more).
+per-token divergence `[n]` (identical on every rank) and, when asked, writes its gradient with
+respect to the tempered student logits `z_S / T` on this shard, times a scale (1/T), in place.
 
-Convention for zero probabilities: a term p·(log p − log q) with p = 0 is 0, so padded vocabulary
-entries (−inf logits in both models) contribute nothing and never produce NaN.
+Forward and reverse KL use lean formulas on the unnormalised buffers (few passes, no
+temporaries); JSD and AKL normalise in place and use the general ones.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,37 +43,69 @@ class Comm:
         return self._reduce(x, dist.ReduceOp.MIN)
 
 
+# −inf logits (a padded vocabulary) are clamped to this: probability exactly 0, and every
+# difference of log-probabilities stays finite, so no 0·∞ = NaN appears in values or gradients.
+# A divergence that is truly infinite (mass where the other model has −inf) becomes ~1e30.
+NEG_LOGIT = -1e30
+
+
 @dataclass
-class ChunkProbs:
-    """Global log-softmax of one token chunk, restricted to this rank's vocabulary shard."""
+class Chunk:
+    """One token chunk on this rank's shard, softmax statistics over the full vocabulary.
 
-    ls: Tensor  # student log-probabilities
-    ps: Tensor  # student probabilities
-    lt: Tensor  # teacher log-probabilities
-    pt: Tensor  # teacher probabilities
+    `s`, `t`: logits minus their global row max; `es`, `et`: their exponentials; `log_zs`,
+    `log_zt`: per-token log of the global sums of `es`, `et` (so log p = s − log_z). All fp32
+    work buffers that the divergence may overwrite.
+    """
+
+    s: Tensor
+    t: Tensor
+    es: Tensor
+    et: Tensor
+    log_zs: Tensor
+    log_zt: Tensor
+
+    def normalize(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Turn the buffers into log p_S, p_S, log p_T, p_T in place (for the general formulas)."""
+        self.s.sub_(self.log_zs[:, None])
+        self.t.sub_(self.log_zt[:, None])
+        self.es.mul_(torch.exp(-self.log_zs)[:, None])
+        self.et.mul_(torch.exp(-self.log_zt)[:, None])
+        return self.s, self.es, self.t, self.et
 
 
-Divergence = Callable[[ChunkProbs, Comm, bool], "tuple[Tensor, Tensor | None]"]
+# A divergence maps a chunk to its per-token value [n] (full vocabulary, identical on all ranks)
+# and, when `grad_out` is given, writes grad_scale · ∂value/∂(tempered student logits) into it.
+Divergence = Callable[[Chunk, Comm, "Tensor | None", float], Tensor]
 
 
-def global_log_softmax(s: Tensor, t: Tensor, comm: Comm) -> ChunkProbs:
-    """Log-softmax over the full (sharded) vocabulary of fp32 chunks `s`, `t`, modified in place.
+def load_logits(x: Tensor, temperature: float, out: Tensor) -> Tensor:
+    """Copy a logits chunk into the fp32 buffer `out`, divided by T, with −inf clamped."""
+    if x.dtype == torch.float32:
+        torch.clamp(x, min=NEG_LOGIT, out=out)
+    else:
+        out.copy_(x).clamp_(min=NEG_LOGIT)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out
 
-    Two packed all-reduces of per-token scalars (max, then sum of exponentials). A row whose
-    logits are all −inf on every shard gets log-probabilities −inf and probabilities 0.
+
+def global_softmax_stats(s: Tensor, t: Tensor, es: Tensor, et: Tensor, comm: Comm) -> Chunk:
+    """Softmax statistics of fp32 logit chunks over the full (sharded) vocabulary.
+
+    Two packed all-reduces of per-token scalars: the max, then the sum of exponentials.
     """
     m = comm.max(torch.stack([s.amax(-1), t.amax(-1)]))
-    m = torch.where(torch.isfinite(m), m, 0.0)
     s.sub_(m[0, :, None])
     t.sub_(m[1, :, None])
-    ps, pt = s.exp(), t.exp()
-    z = comm.sum(torch.stack([ps.sum(-1), pt.sum(-1)]))
-    z = torch.where(z > 0, z, 1.0)
-    s.sub_(z[0].log()[:, None])
-    t.sub_(z[1].log()[:, None])
-    ps.div_(z[0, :, None])
-    pt.div_(z[1, :, None])
-    return ChunkProbs(ls=s, ps=ps, lt=t, pt=pt)
+    torch.exp(s, out=es)
+    torch.exp(t, out=et)
+    log_z = comm.sum(torch.stack([es.sum(-1), et.sum(-1)])).log_()
+    return Chunk(s=s, t=t, es=es, et=et, log_zs=log_z[0], log_zt=log_z[1])
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _p_log_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -80,19 +113,26 @@ def _p_log_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(p > 0, p * (log_p - log_q), 0.0)
 
 
-def forward_kl(c: ChunkProbs, comm: Comm, want_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """KL(teacher ‖ student); gradient p_S − p_T."""
-    value = comm.sum(_p_log_ratio(c.pt, c.lt, c.ls).sum(-1))
-    return value, (c.ps - c.pt) if want_grad else None
+def forward_kl(c: Chunk, comm: Comm, grad_out: Tensor | None, grad_scale: float) -> Tensor:
+    """KL(teacher ‖ student) = Σ p_T (log p_T − log p_S); gradient p_S − p_T."""
+    log_ratio = c.t.sub_(c.s).sub_((c.log_zt - c.log_zs)[:, None])  # log p_T − log p_S
+    inv_zt = torch.exp(-c.log_zt)
+    value = comm.sum(_row_dot(c.et, log_ratio) * inv_zt)
+    if grad_out is not None:
+        ps = c.es.mul_((torch.exp(-c.log_zs) * grad_scale)[:, None])
+        torch.addcmul(ps, c.et, (inv_zt * -grad_scale)[:, None], out=grad_out)
+    return value
 
 
-def reverse_kl(c: ChunkProbs, comm: Comm, want_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """KL(student ‖ teacher); gradient p_S ⊙ (log p_S − log p_T − KL)."""
-    terms = _p_log_ratio(c.ps, c.ls, c.lt)
-    value = comm.sum(terms.sum(-1))
-    if not want_grad:
-        return value, None
-    return value, terms.sub_(c.ps * value[:, None])
+def reverse_kl(c: Chunk, comm: Comm, grad_out: Tensor | None, grad_scale: float) -> Tensor:
+    """KL(student ‖ teacher) = Σ p_S (log p_S − log p_T); gradient p_S ⊙ (log p_S − log p_T − KL)."""
+    log_ratio = c.s.sub_(c.t).sub_((c.log_zs - c.log_zt)[:, None])  # log p_S − log p_T
+    inv_zs = torch.exp(-c.log_zs)
+    value = comm.sum(_row_dot(c.es, log_ratio) * inv_zs)
+    if grad_out is not None:
+        ps = c.es.mul_((inv_zs * grad_scale)[:, None])
+        torch.mul(ps, log_ratio.sub_(value[:, None]), out=grad_out)
+    return value
 
 
 def generalized_jsd(beta: float) -> Divergence:
@@ -105,16 +145,17 @@ def generalized_jsd(beta: float) -> Divergence:
         return forward_kl
     if beta == 1.0:
         return reverse_kl
-    log_b, log_1mb = torch.log(torch.tensor(beta)).item(), torch.log1p(torch.tensor(-beta)).item()
+    log_b, log_1mb = math.log(beta), math.log1p(-beta)
 
-    def jsd(c: ChunkProbs, comm: Comm, want_grad: bool) -> tuple[Tensor, Tensor | None]:
-        log_m = torch.logaddexp(c.ls + log_1mb, c.lt + log_b)
-        student_terms = _p_log_ratio(c.ps, c.ls, log_m)
-        sums = comm.sum(torch.stack([_p_log_ratio(c.pt, c.lt, log_m).sum(-1), student_terms.sum(-1)]))
+    def jsd(c: Chunk, comm: Comm, grad_out: Tensor | None, grad_scale: float) -> Tensor:
+        ls, ps, lt, pt = c.normalize()
+        log_m = torch.logaddexp(ls + log_1mb, lt + log_b)
+        student_terms = _p_log_ratio(ps, ls, log_m)
+        sums = comm.sum(torch.stack([_row_dot(pt, lt - log_m), student_terms.sum(-1)]))
         value = beta * sums[0] + (1.0 - beta) * sums[1]
-        if not want_grad:
-            return value, None
-        return value, student_terms.sub_(c.ps * sums[1][:, None]).mul_(1.0 - beta)
+        if grad_out is not None:
+            grad_out.copy_(student_terms.sub_(ps * sums[1][:, None]).mul_((1.0 - beta) * grad_scale))
+        return value
 
     return jsd
 
@@ -157,25 +198,24 @@ def adaptive_kl(mu: float = 0.5) -> Divergence:
     p_S = p_T exactly (both g are 0) the weights are ½, ½; both KLs and their gradients are 0 there.
     """
 
-    def akl(c: ChunkProbs, comm: Comm, want_grad: bool) -> tuple[Tensor, Tensor | None]:
-        keys = ordered_keys(c.lt)
-        head = keys >= teacher_head_threshold(keys, c.pt, mu, comm)[:, None]
+    def akl(c: Chunk, comm: Comm, grad_out: Tensor | None, grad_scale: float) -> Tensor:
+        ls, ps, lt, pt = c.normalize()
+        keys = ordered_keys(lt)
+        head = keys >= teacher_head_threshold(keys, pt, mu, comm)[:, None]
         del keys
-        gap = (c.pt - c.ps).abs_()
+        gap = (pt - ps).abs_()
         g_head = torch.where(head, gap, 0.0).sum(-1)
         g_tail = torch.where(head, 0.0, gap).sum(-1)
         del gap, head
-        reverse_terms = _p_log_ratio(c.ps, c.ls, c.lt)
-        sums = torch.stack([g_head, g_tail, _p_log_ratio(c.pt, c.lt, c.ls).sum(-1),
-                            reverse_terms.sum(-1)])
+        reverse_terms = _p_log_ratio(ps, ls, lt)
+        sums = torch.stack([g_head, g_tail, _p_log_ratio(pt, lt, ls).sum(-1), reverse_terms.sum(-1)])
         g_head, g_tail, fkl, rkl = comm.sum(sums)
         total = g_head + g_tail
         w_head = torch.where(total > 0, g_head / torch.where(total > 0, total, 1.0), 0.5)
         w_tail = 1.0 - w_head
-        value = w_head * fkl + w_tail * rkl
-        if not want_grad:
-            return value, None
-        grad = reverse_terms.sub_(c.ps * rkl[:, None]).mul_(w_tail[:, None])
-        return value, grad.add_((c.ps - c.pt).mul_(w_head[:, None]))
+        if grad_out is not None:
+            grad = reverse_terms.sub_(ps * rkl[:, None]).mul_(w_tail[:, None])
+            grad_out.copy_(grad.add_((ps - pt).mul_(w_head[:, None])).mul_(grad_scale))
+        return w_head * fkl + w_tail * rkl
 
     return akl

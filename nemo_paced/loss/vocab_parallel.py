@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from nemo_paced.loss.divergences import (
-    Comm, Divergence, adaptive_kl, forward_kl, generalized_jsd, global_log_softmax, reverse_kl)
+    Comm, Divergence, adaptive_kl, forward_kl, generalized_jsd, global_softmax_stats, load_logits,
+    reverse_kl)
 
 # Auto chunk: about this many elements per fp32 temporary (16 MiB).
 CHUNK_ELEMENTS = 1 << 22
@@ -36,23 +37,29 @@ def default_chunk_size(v_local: int) -> int:
 
 def run_chunks(student_chunk: Callable[[int, int], Tensor], teacher: Tensor, divergence: Divergence,
                temperature: float, comm: Comm, chunk_size: int,
-               on_grad: Callable[[int, int, Tensor], None] | None) -> Tensor:
+               grad_chunk: Callable[[int, int], Tensor] | None,
+               on_grad: Callable[[int, int], None] | None = None) -> Tensor:
     """Per-token divergence `[N]` (fp32) of 2-D logits, chunk by chunk over the N tokens.
 
-    `student_chunk(lo, hi)` returns the student logits of tokens lo..hi (any float dtype);
-    `on_grad(lo, hi, g)` receives the fp32 gradient of each token's divergence with respect to
-    those logits (already divided by T), or is None when no gradient is wanted.
+    `student_chunk(lo, hi)` returns the student logits of tokens lo..hi (any float dtype).
+    `grad_chunk(lo, hi)` (None: no gradient) returns the tensor that receives the gradient of each
+    token's divergence with respect to those logits (any float dtype); `on_grad(lo, hi)` is called
+    once it is written. Four fp32 `[chunk, V_local]` buffers are allocated once and reused.
     """
-    n = teacher.shape[0]
+    n, v_local = teacher.shape
     values = torch.empty(n, dtype=torch.float32, device=teacher.device)
+    rows = min(chunk_size, n)
+    buffers = torch.empty(4, rows, v_local, dtype=torch.float32, device=teacher.device)
     for lo in range(0, n, chunk_size):
         hi = min(lo + chunk_size, n)
-        s = student_chunk(lo, hi).to(torch.float32) / temperature
-        t = teacher[lo:hi].to(torch.float32) / temperature
-        value, grad = divergence(global_log_softmax(s, t, comm), comm, on_grad is not None)
-        values[lo:hi] = value
+        s, t, es, et = buffers[:, : hi - lo]
+        load_logits(student_chunk(lo, hi), temperature, s)
+        load_logits(teacher[lo:hi], temperature, t)
+        chunk = global_softmax_stats(s, t, es, et, comm)
+        grad_out = None if grad_chunk is None else grad_chunk(lo, hi)
+        values[lo:hi] = divergence(chunk, comm, grad_out, 1.0 / temperature)
         if on_grad is not None:
-            on_grad(lo, hi, grad.div_(temperature))
+            on_grad(lo, hi)
     return values
 
 
@@ -62,18 +69,14 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 group: dist.ProcessGroup | None, chunk_size: int | None) -> Tensor:
         v_local = student.shape[-1]
         s2d = student.reshape(-1, v_local)
-        t2d = teacher.reshape(-1, v_local)
-        grad = None
-        on_grad = None
+        grad = grad_chunk = None
         if ctx.needs_input_grad[0]:
             grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             g2d = grad.view(-1, v_local)
-
-            def on_grad(lo: int, hi: int, g: Tensor) -> None:
-                g2d[lo:hi].copy_(g)
-
-        values = run_chunks(lambda lo, hi: s2d[lo:hi], t2d, divergence, temperature, Comm(group),
-                            chunk_size or default_chunk_size(v_local), on_grad)
+            grad_chunk = lambda lo, hi: g2d[lo:hi]  # noqa: E731
+        values = run_chunks(lambda lo, hi: s2d[lo:hi], teacher.reshape(-1, v_local), divergence,
+                            temperature, Comm(group), chunk_size or default_chunk_size(v_local),
+                            grad_chunk)
         ctx.grad = grad
         return values.view(student.shape[:-1])
 

@@ -1,0 +1,294 @@
+"""Forward+backward cost of distillation losses, side by side on the same logits, as ratios to ModelOpt.
+
+Rows: this package's chunked vocab-parallel losses, a naive torch loss (`log_softmax` + `kl_div` on
+the gathered logits), ModelOpt's `LogitsKLLoss` (what Megatron Bridge uses for KD) and, where TRL is
+installed, TRL's `generalized_jsd_loss`. Each row runs `loss = per_token.sum(); loss.backward()`
+on leaf student logits; the student gradient it produces counts as extra memory for every row.
+
+Peak extra memory (documented method):
+- CPU: the process's peak resident set size. Before each measured run the kernel's high-water mark
+  is reset (`echo 5 > /proc/self/clear_refs`), then extra = VmHWM − VmRSS-before. glibc is told to
+  serve every allocation ≥ 64 KiB with mmap (`mallopt`), so freed tensors leave the RSS at once and
+  one row's garbage cannot hide in the next row's baseline. tracemalloc is useless here: it sees
+  Python's allocator only, not torch's.
+- CUDA: `torch.cuda.max_memory_allocated()` − allocated-before, after `reset_peak_memory_stats()`.
+Time: median of `--repeats` runs after one warm-up run.
+
+TP = 2 runs the same rows in 2 processes joined by gloo on 127.0.0.1 (each holds half of the
+vocabulary; the naive rows all-gather it); the figures are rank 0's, memory per rank.
+
+    .venv/bin/python bench/loss_bench.py            # CPU table (about 5 minutes on 2 cores)
+    .venv/bin/python bench/loss_bench.py --quick     # small shapes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nemo_paced.loss import vocab_parallel_akl, vocab_parallel_jsd, vocab_parallel_kl  # noqa: E402
+
+Loss = Callable[[torch.Tensor, torch.Tensor, "dist.ProcessGroup | None"], torch.Tensor]
+
+
+def _force_mmap() -> None:
+    libc = ctypes.CDLL("libc.so.6")
+    m_mmap_threshold, m_trim_threshold = -3, -1
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.mallopt(m_trim_threshold, 64 * 1024)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+class PeakMemory:
+    """Peak extra bytes of the enclosed code (see the module docstring for the method)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.before = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.before
+        else:
+            self.peak = _status_kib("VmHWM") * 1024 - self.before
+
+
+# ---- the losses, all returning per-token values [N] of the local shards [N, V_local] ----------
+
+def _gather_vocab(x: torch.Tensor, group, differentiable: bool) -> torch.Tensor:
+    if group is None:
+        return x
+    if differentiable:
+        from torch.distributed.nn.functional import all_gather
+        return torch.cat(all_gather(x, group=group), dim=-1)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def naive(reverse: bool) -> Loss:
+    def loss(s, t, group):
+        ls = F.log_softmax(_gather_vocab(s, group, True).float(), dim=-1)
+        lt = F.log_softmax(_gather_vocab(t, group, False).float(), dim=-1)
+        a, b = (lt, ls) if reverse else (ls, lt)
+        return F.kl_div(a, b, reduction="none", log_target=True).sum(-1)
+    return loss
+
+
+def modelopt(reverse: bool) -> Loss:
+    from modelopt.torch.distill.plugins.megatron import LogitsKLLoss
+
+    def loss(s, t, group):
+        tp = 1 if group is None else dist.get_world_size(group)
+        cfg = SimpleNamespace(tensor_model_parallel_size=tp, sequence_parallel=False)
+        per_token, _, _ = LogitsKLLoss(cfg, reverse=reverse)(s[:, None], t[:, None])
+        # [1, N] partial sums over the local shard, as Bridge's _mask_loss reduces them
+        return per_token[0]
+    return loss
+
+
+def trl(beta: float) -> Loss:
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    def loss(s, t, group):
+        assert group is None, "TRL's loss is not tensor-parallel"
+        return GKDTrainer.generalized_jsd_loss(s, t, beta=beta, reduction="none").sum(-1)
+    return loss
+
+
+def ours(fn, **kw) -> Loss:
+    return lambda s, t, group: fn(s, t, tp_group=group, **kw)
+
+
+@dataclass
+class Row:
+    name: str
+    loss: Loss
+    baseline: str  # the ModelOpt row this one is compared with
+
+
+def rows(tp: int) -> list[Row]:
+    out = [Row("modelopt LogitsKLLoss fwd", modelopt(False), "modelopt LogitsKLLoss fwd"),
+           Row("modelopt LogitsKLLoss rev", modelopt(True), "modelopt LogitsKLLoss rev"),
+           Row("nemo_paced kl fwd", ours(vocab_parallel_kl, direction="forward"), "modelopt LogitsKLLoss fwd"),
+           Row("nemo_paced kl rev", ours(vocab_parallel_kl, direction="reverse"), "modelopt LogitsKLLoss rev"),
+           Row("naive torch fwd", naive(False), "modelopt LogitsKLLoss fwd"),
+           Row("naive torch rev", naive(True), "modelopt LogitsKLLoss rev"),
+           Row("nemo_paced jsd b=0.5", ours(vocab_parallel_jsd, beta=0.5), "modelopt LogitsKLLoss fwd"),
+           Row("nemo_paced akl", ours(vocab_parallel_akl), "modelopt LogitsKLLoss fwd")]
+    if tp == 1:
+        try:
+            import trl as _trl  # noqa: F401
+        except ImportError as e:
+            print(f"# TRL rows skipped: {e}")
+        else:
+            out += [Row("trl generalized_jsd b=0", trl(0.0), "modelopt LogitsKLLoss fwd"),
+                    Row("trl generalized_jsd b=1", trl(1.0), "modelopt LogitsKLLoss rev"),
+                    Row("trl generalized_jsd b=0.5", trl(0.5), "modelopt LogitsKLLoss fwd")]
+    return out
+
+
+# ---- measurement --------------------------------------------------------------------------------
+
+def _sync(device, group) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if group is not None:
+        dist.barrier(group)
+
+
+def _run_once(row: Row, student: torch.Tensor, teacher: torch.Tensor, group) -> torch.Tensor:
+    s = student.detach().requires_grad_()
+    values = row.loss(s, teacher, group)
+    values.sum().backward()
+    return values.detach()
+
+
+def measure(row: Row, student, teacher, group, repeats: int) -> dict:
+    device = student.device
+    values = _run_once(row, student, teacher, group)  # warm-up
+    if "modelopt" in row.name and group is not None:
+        dist.all_reduce(values, group=group)  # ModelOpt returns per-shard partial KL
+    total = float(values.double().sum())
+    del values
+    _sync(device, group)
+    with PeakMemory(device) as mem:
+        _run_once(row, student, teacher, group)
+        _sync(device, group)
+    times = []
+    for _ in range(repeats):
+        _sync(device, group)
+        start = time.perf_counter()
+        _run_once(row, student, teacher, group)
+        _sync(device, group)
+        times.append(time.perf_counter() - start)
+    return dict(name=row.name, baseline=row.baseline, peak=mem.peak, time=statistics.median(times),
+                total=total)
+
+
+def inputs(tokens: int, vocab: int, dtype: torch.dtype, device, rank: int = 0, tp: int = 1):
+    g = torch.Generator().manual_seed(1234)
+    s = torch.randn(tokens, vocab, generator=g) * 3
+    t = 0.6 * s + torch.randn(tokens, vocab, generator=g) * 3
+    shard = vocab // tp
+    s, t = s[:, rank * shard:(rank + 1) * shard].to(dtype), t[:, rank * shard:(rank + 1) * shard].to(dtype)
+    return s.to(device).contiguous(), t.to(device).contiguous()
+
+
+def table(results: list[dict], title: str) -> str:
+    by_name = {r["name"]: r for r in results}
+    lines = [f"\n{title}", f"| {'loss (forward+backward)':28} | peak extra MiB | x ModelOpt | time s | x ModelOpt | Σ per-token value |",
+             f"|{'-' * 30}|---------------:|-----------:|-------:|-----------:|------------------:|"]
+    for r in results:
+        base = by_name[r["baseline"]]
+        lines.append(f"| {r['name']:28} | {r['peak'] / 2**20:14.0f} | {r['peak'] / base['peak']:10.2f} | "
+                     f"{r['time']:6.3f} | {r['time'] / base['time']:10.2f} | {r['total']:17.6g} |")
+    return "\n".join(lines)
+
+
+def run_shape(tokens: int, vocab: int, dtype: torch.dtype, device, repeats: int, group=None,
+              rank: int = 0, tp: int = 1) -> list[dict]:
+    student, teacher = inputs(tokens, vocab, dtype, device, rank, tp)
+    results = []
+    for row in rows(tp):
+        results.append(measure(row, student, teacher, group, repeats))
+        gc.collect()
+    return results
+
+
+def _tp_worker(rank: int, world: int, port: int, tokens: int, vocab: int, dtype, repeats: int, queue) -> None:
+    _force_mmap()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    group = parallel_state.get_tensor_model_parallel_group()
+    try:
+        queue.put((rank, run_shape(tokens, vocab, dtype, torch.device("cpu"), repeats, group, rank, world)))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_tp(tp: int, tokens: int, vocab: int, dtype, repeats: int) -> list[dict]:
+    import torch.multiprocessing as mp
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from gloo_ranks import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_tp_worker, args=(r, tp, port, tokens, vocab, dtype, repeats, queue))
+             for r in range(tp)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=3600) for _ in range(tp))
+    for p in procs:
+        p.join()
+    return results[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    _force_mmap()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        shapes_tp1 = [(4096, 32768), (8192, 151936)]
+        shapes_tp2 = []
+    elif args.quick:
+        shapes_tp1, shapes_tp2 = [(256, 8192)], [(256, 8192)]
+    else:
+        shapes_tp1, shapes_tp2 = [(1024, 32768), (4096, 32768), (1024, 151936)], [(4096, 32768)]
+    cpu = os.cpu_count()
+    print(f"# torch {torch.__version__}, {device} ({torch.cuda.get_device_name() if cuda else f'{cpu} CPU cores'}), "
+          f"{args.dtype} logits, median of {args.repeats}")
+    for tokens, vocab in shapes_tp1:
+        res = run_shape(tokens, vocab, dtype, device, args.repeats)
+        print(table(res, f"TP=1, {tokens} tokens x {vocab} vocab ({dtype})"), flush=True)
+    for tokens, vocab in shapes_tp2:
+        res = run_tp(2, tokens, vocab, dtype, args.repeats)
+        print(table(res, f"TP=2 (gloo, rank 0 holds {vocab // 2}), {tokens} tokens x {vocab} vocab ({dtype})"),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
