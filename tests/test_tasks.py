@@ -1,5 +1,5 @@
-"""The chain task: answers are right, splits are disjoint and reproducible, the tokenizer round-trips,
-and the tiny-model cache reuses a trained model only under the same key."""
+"""The running-mean task: answers are right, splits are disjoint and reproducible, the tokenizer
+round-trips, and the two-stage schedule switches and re-estimates where it should."""
 
 import random
 
@@ -10,42 +10,36 @@ from nemo_paced.tasks import ALPHABET, ChainTask, make_splits
 from nemo_paced.tasks.tokenizer import char_tokenizer
 
 
-def _decode(task: ChainTask, text: str) -> int:
-    return int(text[::-1])
-
-
-def test_answer_is_every_running_result_mod_10_pow_digits():
-    task = ChainTask(max_level=3, digits=2)
-    problem = task.make([12, 45, 30], "+-")
-    assert problem.prompt == "21+54-03...="
-    assert problem.answer == "75,72"  # 57, then 27, least-significant digit first
+def test_answer_is_every_running_floor_mean():
+    task = ChainTask(max_level=3)
+    problem = task.make([4, 7, 5])
+    assert problem.prompt == "475.="
+    assert problem.answer == "55"  # (4 + 7) // 2 = 5, then (5 + 5) // 2 = 5
     assert problem.meta == {"level": 2}
-    wrap = task.make([5, 7], "-")
-    assert _decode(task, wrap.answer) == (5 - 7) % 100
+    assert task.make([9, 0, 9, 9]).answer == "467"
+    with pytest.raises(ValueError, match="need 2..4 digits"):
+        task.make([1, 2, 3, 4, 5])
 
 
-@pytest.mark.parametrize("digits", [1, 2])
-def test_random_problems_match_python_arithmetic(digits):
-    task = ChainTask(max_level=5, digits=digits)
+def test_random_problems_match_python_arithmetic():
+    task = ChainTask(max_level=6)
     rng = random.Random(3)
-    for _ in range(200):
-        level = rng.randint(1, 5)
+    for _ in range(300):
+        level = rng.randint(1, 6)
         problem = task.sample(level, rng)
-        body = problem.prompt.rstrip("=").rstrip(".")
-        numbers = [int(body[i:i + digits][::-1]) for i in range(0, len(body), digits + 1)]
-        ops = body[digits::digits + 1]
-        total, expected = numbers[0], []
-        for op, n in zip(ops, numbers[1:]):
-            total = (total + n if op == "+" else total - n) % 10**digits
-            expected.append(total)
-        assert [_decode(task, r) for r in problem.answer.split(",")] == expected
+        digits = [int(c) for c in problem.prompt.rstrip("=").rstrip(".")]
+        mean, expected = digits[0], ""
+        for d in digits[1:]:
+            mean = (mean + d) // 2
+            expected += str(mean)
+        assert problem.answer == expected
         assert len(problem.prompt) == task.prompt_width
         assert len(problem.answer) == task.answer_length(level)
         assert task.level_of(problem.prompt) == level == problem.meta["level"]
 
 
 def test_splits_are_disjoint_reproducible_and_sized():
-    task = ChainTask(max_level=4, digits=1)
+    task = ChainTask(max_level=4)
     a = make_splits(task, pool_per_level=30, test_per_level=20, retained_size=40, seed=7)
     b = make_splits(task, pool_per_level=30, test_per_level=20, retained_size=40, seed=7)
     assert a == b
@@ -55,13 +49,13 @@ def test_splits_are_disjoint_reproducible_and_sized():
     assert len(test_prompts) == 4 * 20 and len(pool_prompts) == 4 * 30 and len(retained_prompts) == 40
     assert not test_prompts & pool_prompts and not test_prompts & retained_prompts
     assert not pool_prompts & retained_prompts
-    assert {p.meta["level"] for p in a.retained} == {1}
+    assert sorted(p.meta["level"] for p in a.retained) == [1] * 20 + [2] * 20
     other = make_splits(task, pool_per_level=30, test_per_level=20, retained_size=40, seed=8)
     assert {p.prompt for p in other.pool} != pool_prompts
 
 
 def test_generate_refuses_more_problems_than_a_level_has():
-    task = ChainTask(max_level=2, digits=1, ops="+")
+    task = ChainTask(max_level=2)
     assert len(task.generate(1, 100, seed=0)) == 100  # all 10 x 10 one-step problems
     with pytest.raises(ValueError, match="level 1 has 100 distinct problems left; asked for 101"):
         task.generate(1, 101, seed=0)
@@ -70,17 +64,18 @@ def test_generate_refuses_more_problems_than_a_level_has():
         task.generate(1, 41, seed=2, exclude=taken)
 
 
-@pytest.mark.parametrize("bad", [dict(max_level=0), dict(digits=0), dict(ops="*"), dict(ops="")])
-def test_bad_task_settings_are_named(bad):
-    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
-        ChainTask(**bad)
+def test_bad_task_settings_are_named():
+    with pytest.raises(ValueError, match="max_level must be >= 1"):
+        ChainTask(max_level=0)
+    with pytest.raises(ValueError, match="level must lie in 1..3"):
+        ChainTask(max_level=3).generate(4, 1, seed=0)
 
 
 def test_tokenizer_is_one_token_per_character_and_reloads(tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = char_tokenizer(ALPHABET)
-    text = "3+4-1.=7,6"
+    text = "3417..=32"
     ids = tokenizer(text)["input_ids"]
     assert len(ids) == len(text) and tokenizer.unk_token_id not in ids
     tokenizer.save_pretrained(tmp_path)
