@@ -106,12 +106,14 @@ status() {
     state=${state:-UNKNOWN}
     [ -e "$log" ] || log="-"
     rows+=("$(printf '%-10s %-8s %-10s %-26s %s' "$stage" "$id" "$state" "${reason:-None}" "$log")")
+    # The service ends cancelled by design; a service that breaks fails the estimate jobs instead.
+    [ "$stage" = rollouts ] && continue
     case $state in
       COMPLETED) ;;
-      CANCELLED) [ "$stage" = rollouts ] || [ "$reason" = DependencyNeverSatisfied ] || failed=${failed:-$stage:$id:$log} ;;
-      FAILED | TIMEOUT | NODE_FAIL | OUT_OF_MEMORY | BOOT_FAIL | DEADLINE | PREEMPTED | UNKNOWN)
-        failed=${failed:-$stage:$id:$log} ;;
-      *) [ "$stage" = rollouts ] || result=3 ;;
+      CANCELLED) [ "$reason" = DependencyNeverSatisfied ] || failed=${failed:-$stage:$id:$log} ;;
+      PENDING | CONFIGURING | RUNNING | COMPLETING | REQUEUED | REQUEUE_HOLD | REQUEUE_FED | RESIZING | \
+        SUSPENDED | SIGNALING | STAGE_OUT | STOPPED | SPECIAL_EXIT) result=3 ;;
+      *) failed=${failed:-$stage:$id:$log} ;;  # FAILED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, UNKNOWN, ...
     esac
   done <"$run/jobs.tsv"
   printf '%-10s %-8s %-10s %-26s %s\n' STAGE JOB STATE REASON LOG

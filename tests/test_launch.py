@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -146,3 +147,26 @@ def test_refuses_to_submit_into_a_run_directory_that_holds_a_chain(tmp_path):
     (tmp_path / "jobs.tsv").write_text("references\t1\tlog\n")
     result = submit("tiny_cpu", *REQUIRED, "--run-dir", str(tmp_path))
     assert result.returncode == 2 and "already holds a submitted chain" in result.stderr
+
+
+def test_status_answers_from_the_jobs_own_records_once_slurm_has_forgotten_them(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (tmp_path / "status").mkdir()
+    rows = []
+    for i, stage in enumerate(["references", "rollouts", "estimate0", "stage1", "estimate1"], start=101):
+        rows.append(f"{stage}\t{i}\t{logs}/{stage}-{i}.out\n")
+        (logs / f"{stage}-{i}.out").write_text("log\n")
+    (tmp_path / "jobs.tsv").write_text("".join(rows))
+    for stage, rc in [("references", 0), ("estimate0", 0), ("stage1", 3)]:  # estimate1 never ran
+        (tmp_path / "status" / stage).write_text(f"exit={rc} job=1 restarts=0 at=2026-01-01T00:00:00Z\n")
+    tools = tmp_path / "bin"  # the script's tools, but no scontrol or sacct: SLURM cannot answer
+    tools.mkdir()
+    for tool in ("bash", "sed", "cat", "dirname"):
+        (tools / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(tools)}
+    result = submit("status", str(tmp_path), env=env)
+    assert result.returncode == 1
+    assert re.search(r"^references +101 +COMPLETED +exit=0", result.stdout, re.M)
+    assert re.search(r"^stage1 +104 +FAILED +exit=3", result.stdout, re.M)
+    assert f"FAILED: stage stage1 (job 104); its dependents were not run. Log: {logs}/stage1-104.out" in result.stdout

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,71 @@ def test_a_failed_stage_leaves_its_dependents_unrun_and_status_names_it(slurm, t
     log = run / "logs" / f"stage1-{ids['stage1']}.out"
     assert f"FAILED: stage stage1 (job {ids['stage1']}); its dependents were not run. Log: {log}" in report.stdout
     assert "failing on purpose: PACED_FAIL_STAGE=stage1" in log.read_text()
+
+
+def times(cluster: SlurmCluster, job_id: str) -> tuple[str, str]:
+    job = cluster.job(job_id)
+    return job["StartTime"], job["EndTime"]  # ISO timestamps: text order is time order
+
+
+def preempt_when_checkpointed(cluster: SlurmCluster, job_id: str, checkpoint: Path, timeout: float = 600) -> None:
+    """Once the job has saved a checkpoint, send the batch script what SLURM sends before the time
+    limit (--signal=B:USR1), then lift SLURM's two-minute hold on the requeued job."""
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists():
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), cluster.job(job_id)
+        assert time.monotonic() < deadline, f"no checkpoint {checkpoint} after {timeout} s"
+        time.sleep(0.5)
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    cluster.wait([job_id], timeout=120, states={"PENDING"})
+    cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
+def test_the_chain_runs_in_order_and_a_preempted_stage_resumes(slurm, tiny, tmp_path):
+    run = tmp_path / "run"
+    started = time.monotonic()
+    ids = submit_chain(slurm, run, *tiny)
+    preempt_when_checkpointed(slurm, ids["stage1"], run / "stage1" / "checkpoint.pt")
+    states = slurm.wait(list(ids.values()), timeout=900)
+    wall = time.monotonic() - started
+    print(f"\ntwo-stage tiny chain on the local SLURM: {wall:.0f} s from submission to the last job's end")
+
+    assert {s: states[ids[s]] for s in STAGES} == {**{s: "COMPLETED" for s in STAGES}, "rollouts": "CANCELLED"}
+    report = status(slurm, run)
+    assert report.returncode == 0 and report.stdout.rstrip().endswith("COMPLETED"), report.stdout
+    # in order: each job started after the jobs it depends on ended
+    for later, earlier in [("stage1", "references"), ("stage1", "estimate0"), ("estimate1", "stage1"),
+                           ("stage2", "estimate1"), ("eval", "stage2"), ("finish", "eval")]:
+        assert times(slurm, ids[later])[0] >= times(slurm, ids[earlier])[1], (later, earlier)
+    assert times(slurm, ids["estimate0"])[0] >= times(slurm, ids["rollouts"])[0]
+
+    # stage 1 was preempted once, requeued, resumed from its checkpoint and reached the same final step
+    assert slurm.job(ids["stage1"])["Restarts"] == "1"
+    log = (run / "logs" / f"stage1-{ids['stage1']}.out").read_text()
+    assert "got SIGUSR1, forwarding to the ranks" in log and "requeueing job" in log
+    result = json.loads((run / "stage1" / "result.json").read_text())
+    steps = [m["step"] for m in result["history"]["steps"]]
+    assert result["status"] == "done" and steps == list(range(result["config"]["schedule"]["total_steps"]))
+    assert result["step"] == len(steps)
+
+    # the service served the training jobs: the stage-1 student was estimated, stage 2 drew its samples
+    table = [json.loads(line) for line in (run / "rollouts" / "passrates.jsonl").read_text().splitlines()]
+    assert any("stage1" in (row.get("checkpoint") or "") for row in table)
+    assert (run / "stage2" / "final").is_dir()
+    assert json.loads((run / "eval.json").read_text())["benchmarks"]
+
+
+def test_the_nemo_run_launcher_submits_the_chain_to_the_same_slurm(slurm, tiny, tmp_path):
+    run = tmp_path / "nemo-run"
+    result = slurm.run(sys.executable, str(REPO / "launch" / "nemo_run_paced.py"), "tiny_cpu", "--run-dir", str(run),
+                       "--gpus-per-node", "0", "--aux-gpus", "0", "--cpus-per-task", "1", "--service-wait", "120",
+                       *tiny, timeout=300)
+    jobs = [line.split("\t") for line in (run / "jobs.tsv").read_text().splitlines()]
+    assert [stage for stage, _, _ in jobs] == STAGES, result.stdout
+    for stage, job_id, _ in jobs:
+        assert slurm.job(job_id)["JobName"] == f"paced-{stage}"
+    states = slurm.wait([job_id for _, job_id, _ in jobs], timeout=900)
+    assert [states[job_id] for _, job_id, _ in jobs] == ["COMPLETED" if s != "rollouts" else "CANCELLED"
+                                                         for s in STAGES]
+    assert status(slurm, run).returncode == 0
+    assert json.loads((run / "eval.json").read_text())["benchmarks"]
