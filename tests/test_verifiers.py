@@ -76,8 +76,8 @@ def test_exact_and_integer():
 
 def test_resolve_by_name_and_import_path():
     assert resolve("math_boxed") is math_boxed
-    verify = resolve("nemo_paced.tasks:verify")
-    assert score(verify, " 7572 ", "7572") == 1 and score(verify, "7573", "7572") == 0
+    verify = resolve("rollout_toys:first_char_in")  # tests/ is on sys.path
+    assert score(verify, "7 and more", "789") == 1 and score(verify, "5", "789") == 0
     for name, message in [("nope", "unknown verifier 'nope'"), ("os:nothing", "no callable 'nothing'"),
                           ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'")]:
         with pytest.raises(ValueError, match=message):

@@ -7,7 +7,9 @@
     batch = client.sample(["p1", "p7"], n=1)                # on-policy rollouts for reverse KL
 
 Calls time out, and connection failures and 502/503/504 answers are retried with exponential backoff
-before `ServiceUnavailable` says which address could not be reached. The client keeps a local copy
+before `ServiceUnavailable` says which address could not be reached. A client made from an address
+file re-reads it when a connection fails, so it follows a service restarted on another port, and
+`wait` rides out outages of up to `patience` seconds. The client keeps a local copy
 of the pass-rate table: `refresh_table` fetches only the records changed since the version it holds
 and, when the service is down, returns the last good copy and logs how stale it is (`staleness()`).
 """
@@ -73,24 +75,40 @@ def read_address(path: str | Path) -> tuple[str, str | None]:
 
 class RolloutClient:
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0, sample_timeout: float = 3600.0,
-                 retries: int = 4, backoff: float = 0.5) -> None:
+                 retries: int = 4, backoff: float = 0.5, address_file: str | Path | None = None) -> None:
         """`timeout` bounds quick calls; `sample_timeout` bounds /sample (generation) and /weights."""
-        self.url = url.rstrip("/")
         self.timeout, self.sample_timeout = timeout, sample_timeout
         self.retries, self.backoff = retries, backoff
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.address_file = address_file
+        self._open(url, token)
         self.table = PassRateTable()
         self.last_refresh: float | None = None
+
+    def _open(self, url: str, token: str | None) -> None:
+        self.url, self._token = url.rstrip("/"), token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout)
+
+    def _follow_address(self) -> None:
+        """After a refused connection: if the address file now names another URL, switch to it."""
+        if self.address_file is None:
+            return
+        try:
+            url, token = read_address(self.address_file)
+        except (OSError, ValueError, KeyError):
+            return  # not rewritten yet
+        if url.rstrip("/") != self.url:
+            log.info("rollout service moved from %s to %s", self.url, url)
+            self._http.close()
+            self._open(url, token or self._token)
 
     @classmethod
     def connect(cls, service: str | Path, token: str | None = None, **options: Any) -> "RolloutClient":
         """From a URL or an address file; the token defaults to the address file's, then $NEMO_PACED_ROLLOUT_TOKEN."""
         if str(service).startswith(("http://", "https://")):
-            url, file_token = str(service), None
-        else:
-            url, file_token = read_address(service)
-        return cls(url, token or file_token or os.environ.get(TOKEN_ENV), **options)
+            return cls(str(service), token or os.environ.get(TOKEN_ENV), **options)
+        url, file_token = read_address(service)
+        return cls(url, token or file_token or os.environ.get(TOKEN_ENV), address_file=service, **options)
 
     def close(self) -> None:
         self._http.close()
@@ -116,6 +134,7 @@ class RolloutClient:
                                               timeout=timeout or self.timeout)
             except httpx.ConnectError as e:
                 error = e
+                self._follow_address()
                 continue
             except httpx.TransportError as e:
                 error = e
@@ -151,12 +170,23 @@ class RolloutClient:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}").json()
 
-    def wait(self, job_id: str, poll: float = 1.0, timeout: float | None = None, progress=None) -> dict[str, Any]:
+    def wait(self, job_id: str, poll: float = 1.0, timeout: float | None = None, progress=None,
+             patience: float = 600.0) -> dict[str, Any]:
         """Block until the job is done and return its final status; raises JobFailed or TimeoutError.
-        The service persists jobs, so this survives a service restart within the retry window."""
+        The service persists its jobs, so a restart does not lose this one: an outage of up to
+        `patience` seconds is waited out (then ServiceUnavailable)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        down_since = None
         while True:
-            status = self.job(job_id)
+            try:
+                status = self.job(job_id)
+                down_since = None
+            except ServiceUnavailable:
+                down_since = time.monotonic() if down_since is None else down_since
+                if time.monotonic() - down_since > patience:
+                    raise
+                time.sleep(poll)
+                continue
             if progress is not None:
                 progress(status)
             if status["status"] == "done":

@@ -91,8 +91,9 @@ class RequestError(ValueError):
 @dataclass
 class Job:
     id: str
-    ids: list[str]
+    ids: list[str]  # the problems still to estimate are ids[done:]; emptied when the job ends
     k: int
+    total: int = 0
     done: int = 0
     status: str = "queued"  # queued | running | done | failed
     error: str | None = None
@@ -104,7 +105,7 @@ class Job:
     def view(self) -> dict[str, Any]:
         row = asdict(self)
         row.pop("ids")
-        return {"job_id": row.pop("id"), "total": len(self.ids), **row}
+        return {"job_id": row.pop("id"), **row}
 
 
 class RolloutService:
@@ -119,6 +120,9 @@ class RolloutService:
         self.state_path = self.state_dir / STATE_FILE
         self.table = (PassRateTable.load(self.table_path) if self.table_path.exists()
                       else PassRateTable(config.update_mode, config.decay))
+        if (self.table.update_mode.value, self.table.decay) != (config.update_mode, config.decay):
+            log.warning("%s keeps update mode %s (decay %g), not the configured %s (decay %g)", self.table_path,
+                        self.table.update_mode.value, self.table.decay, config.update_mode, config.decay)
         self.step: int | None = None
         self.jobs: dict[str, Job] = {}
         self._queue: queue.Queue[str] = queue.Queue()
@@ -214,7 +218,7 @@ class RolloutService:
         if not ids:
             raise RequestError("ids", "must not be empty (omit it to estimate every problem)")
         self._problems(ids)
-        job = Job(uuid.uuid4().hex[:12], ids, self._k(k, "k"))
+        job = Job(uuid.uuid4().hex[:12], ids, self._k(k, "k"), total=len(ids))
         with self._lock:
             self.jobs[job.id] = job
             self._save_state()
@@ -237,6 +241,8 @@ class RolloutService:
         if max_tokens is not None and max_tokens > self.config.max_tokens:
             raise RequestError("max_tokens", f"must not exceed {self.config.max_tokens} (the service's "
                                              f"--max-tokens), got {max_tokens}")
+        if not ids:
+            raise RequestError("ids", "must name at least one problem")
         problems = self._problems(ids)
         params = SamplingParams(self._k(n, "n"), self.config.temperature if temperature is None else temperature,
                                 self.config.top_p if top_p is None else top_p,
@@ -317,6 +323,7 @@ class RolloutService:
                 log.exception("estimation job %s failed", job.id)
                 with self._lock:
                     job.status, job.error, job.finished = "failed", f"{type(e).__name__}: {e}", time.time()
+                    job.ids = []
                     self._save_state()
 
     def _run(self, job: Job) -> None:
@@ -335,7 +342,7 @@ class RolloutService:
                     job.checkpoints.append(checkpoint)
                 self._save_state()
         with self._lock:
-            job.status, job.finished = "done", time.time()
+            job.status, job.finished, job.ids = "done", time.time(), []
             self._save_state()
 
 

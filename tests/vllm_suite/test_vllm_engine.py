@@ -91,10 +91,10 @@ def test_reload_weights_in_place(engine, models):
 
 
 def test_rollout_grades_vllm_samples(engine):
-    problems = [Problem(f"p{i}", prompt, "0") for i, prompt in enumerate(PROMPTS)]
-    results = rollout(engine, problems, resolve("nemo_paced.tasks:verify"), SamplingParams(n=8, max_tokens=4),
+    problems = [Problem(f"p{i}", prompt, "01234") for i, prompt in enumerate(PROMPTS)]
+    results = rollout(engine, problems, resolve("rollout_toys:first_char_in"), SamplingParams(n=8, max_tokens=4),
                       template="raw")
     assert [r.trials for r in results] == [8] * len(PROMPTS)
     for r in results:
-        assert [s.score for s in r.samples] == [int(s.text.strip() == "0") for s in r.samples]
+        assert [s.score for s in r.samples] == [int(s.text[:1] in tuple("01234")) for s in r.samples]
         assert r.checkpoint == engine.checkpoint
