@@ -28,6 +28,7 @@ TEACHER = dict(num_layers=2, hidden_size=32, num_attention_heads=4)
 WEIGHTS = [0.25, 0.0, 0.5, 0.125, 1.0, 0.75, 0.1875, 0.25]
 PASS_RATES = [0.5, 1.0, 0.5, 0.125, 0.5, 0.25, 0.75, 0.875]
 STEPS, LR = 4, 0.2
+EMPTY = 6  # the sequence without response tokens
 
 
 # --- data and models (run inside the spawned ranks) ----------------------------------------------
@@ -38,7 +39,7 @@ def global_batch(weights=WEIGHTS) -> dict[str, torch.Tensor]:
     loss_mask = torch.ones(GLOBAL_BATCH, SEQ)
     loss_mask[:, :3] = 0  # prompt tokens
     loss_mask[2, 6:] = 0  # padding
-    loss_mask[6] = 0  # a sequence with no response tokens: it must count for nothing
+    loss_mask[EMPTY] = 0  # a sequence with no response tokens: it must count for nothing
     return dict(tokens=tokens, labels=torch.roll(tokens, -1, 1), loss_mask=loss_mask,
                 position_ids=torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ).clone(),
                 sample_weight=torch.tensor(weights, dtype=torch.float32),
@@ -248,6 +249,7 @@ def reference_run(rank: int, world_size: int) -> dict:
         zero_microbatch=run(zero_first),
         all_zero=run([0.0] * GLOBAL_BATCH)[:2],
         bridge_signature=run(WEIGHTS, forward_step=lambda it, m: bridge_step("state", it, m, False))[:2],
+        custom_bins=run(WEIGHTS, forward_step=PacedForwardStep(GLOBAL_BATCH // MICRO, pass_rate_bins=(0, 0.1, 1)))[2],
     )
     out["layout"] = train(h)
     out["reverse"] = reverse_kl_check()
@@ -285,7 +287,7 @@ def _close(a: dict, b: dict, tol: float = 1e-5) -> None:
 
 def _hand(weights, per_sequence) -> tuple[float, dict]:
     """L and grad L from the per-sequence losses l_x and gradients grad l_x, by the formula."""
-    counted = [w if s[1] > 0 else 0.0 for w, (s, _) in zip(weights, per_sequence)]
+    counted = [0.0 if i == EMPTY else w for i, w in enumerate(weights)]
     total = sum(counted)
     loss = sum(w * s[0].item() for w, (s, _) in zip(counted, per_sequence)) / total
     names = per_sequence[0][1].keys()
@@ -300,7 +302,8 @@ def reference():
 
 def test_loss_and_gradients_follow_the_weighted_formula(reference):
     per_sequence = reference["per_sequence"]
-    assert per_sequence[6][0][1] == 0, "a sequence without response tokens must carry no weight"
+    empty_sums, empty_grads = per_sequence[EMPTY]  # all the weight on a sequence without response tokens
+    assert empty_sums[0] == 0 and all(not g.any() for g in empty_grads.values())
     for name, weights in (("base", WEIGHTS), ("doubled", WEIGHTS[:2] + [WEIGHTS[2] * 2] + WEIGHTS[3:])):
         sums, grads = reference[name]
         loss, hand_grads = _hand(weights, per_sequence)
@@ -320,27 +323,29 @@ def test_normalisation_does_not_depend_on_the_micro_batch_split(reference):
 
 def test_zero_weights_give_zero_loss_and_no_nan(reference):
     sums, grads, reports = reference["zero_microbatch"]
-    assert reports[0]["paced kl"][1] == 0 and np.isfinite(reports[0]["paced kl"]).all()
+    assert reports[0]["paced kl"][0] == 0 and np.isfinite(reports[0]["paced kl"]).all()
     _, hand_grads = _hand([0.0] * MICRO + WEIGHTS[MICRO:], reference["per_sequence"])
     _close(grads, hand_grads)
     sums, grads = reference["all_zero"]
-    assert sums.tolist() == [0.0, 0.0]
+    assert sums[0] / sums[1] == 0  # what Bridge logs: 0, not 0/0
     assert all(not g.any() for g in grads.values())
 
 
 def test_report_holds_kl_weights_ess_and_pass_rate_bins(reference):
+    logged = lambda reports, key: (lambda t: t[0] / t[1])(sum(r[key] for r in reports))  # as Bridge logs it
     reports = reference["layout"]["report"]
-    total = lambda key: sum(r[key] for r in reports)
-    assert total("mean weight")[0] / total("mean weight")[1] == pytest.approx(sum(WEIGHTS) / len(WEIGHTS))
-    counted = [w for i, w in enumerate(WEIGHTS) if i != 6]
-    ess = sum(counted) ** 2 / sum(w * w for w in counted)
-    assert total("weight ess")[0] / total("weight ess")[1] == pytest.approx(ess, rel=1e-6)
-    ell = [s[0].item() for s, _ in reference["per_sequence"]]
-    assert total("kl")[1] == GLOBAL_BATCH - 1
-    assert total("kl")[0] == pytest.approx(sum(ell), rel=1e-5)
-    bin_half = total("kl pass [0.50,0.75)")
-    assert bin_half[1] == 3 and bin_half[0] == pytest.approx(ell[0] + ell[2] + ell[4], rel=1e-5)
-    assert total("kl pass [0.75,1.00]")[1] == 2  # sequence 6 (no tokens) is left out
+    ell = [s[0].item() for s, _ in reference["per_sequence"]]  # l_x, from all the weight on x (0 for EMPTY)
+    counted = [w for i, w in enumerate(WEIGHTS) if i != EMPTY]
+    assert logged(reports, "paced kl") == pytest.approx(sum(w * ell[i] for i, w in enumerate(WEIGHTS)) / sum(counted),
+                                                        rel=1e-5)
+    assert logged(reports, "mean weight") == pytest.approx(sum(WEIGHTS) / len(WEIGHTS))
+    assert logged(reports, "weight ess") == pytest.approx(sum(counted) ** 2 / sum(w * w for w in counted), rel=1e-6)
+    assert logged(reports, "kl") == pytest.approx(sum(ell) / (GLOBAL_BATCH - 1), rel=1e-5)
+    assert logged(reports, "kl pass [0.00,0.25)") == pytest.approx(ell[3], rel=1e-5)
+    assert logged(reports, "kl pass [0.50,0.75)") == pytest.approx((ell[0] + ell[2] + ell[4]) / 3, rel=1e-5)
+    assert logged(reports, "kl pass [0.75,1.00]") == pytest.approx((ell[1] + ell[7]) / 2, rel=1e-5)
+    assert logged(reference["custom_bins"], "kl pass [0.00,0.10)") == 0  # empty bin: 0, not NaN
+    assert logged(reference["custom_bins"], "kl pass [0.10,1.00]") == pytest.approx(sum(ell) / 7, rel=1e-5)
 
 
 def test_rkl_stage_computes_reverse_kl(reference):

@@ -36,10 +36,21 @@ BATCH_KEYS = ("tokens", "position_ids", "labels", "loss_mask", "sample_weight")
 
 @dataclass(frozen=True)
 class StepTotals:
-    """Weight statistics of one whole step, identical on every rank of the last pipeline stage."""
+    """Sums over the whole step (all micro-batches, all data-parallel ranks), the same on every rank
+    of the last pipeline stage. Sequences without response tokens are left out of all but `sequences`."""
 
-    weight_sum: torch.Tensor  # W: sum of the weights of the sequences that have loss tokens
-    ess: torch.Tensor  # (sum w)^2 / sum w^2
+    weight_sum: torch.Tensor  # W = sum of w
+    weight_square_sum: torch.Tensor  # sum of w^2
+    sequences: torch.Tensor  # every sequence, for the mean weight
+    with_tokens: torch.Tensor  # sequences that have response tokens
+    per_bin: torch.Tensor  # of those, how many fall in each pass-rate bin
+    shares: int  # micro-batches x data-parallel ranks: each report entry carries 1 / shares as its count
+
+    @property
+    def ess(self) -> torch.Tensor:
+        """(sum w)^2 / sum w^2, 0 when every weight is 0."""
+        return torch.where(self.weight_square_sum > 0, self.weight_sum**2 / self.weight_square_sum.clamp(min=1e-30),
+                           torch.zeros_like(self.weight_sum))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -131,7 +142,7 @@ class PacedForwardStep:
         """The next micro-batch; at a step's first one, read the whole step and reduce its weights."""
         if not self._pending:
             self._pending.extend(_check_batch(next(data_iterator)) for _ in range(self._microbatches_per_step()))
-            self._totals = _step_totals(self._pending)
+            self._totals = self._step_totals(self._pending)
         return self._pending.popleft(), self._totals
 
     # --- the loss -------------------------------------------------------------------------------
@@ -143,45 +154,66 @@ class PacedForwardStep:
         per_token, tp_reduce, _ = next(iter(losses.values()))
         if tp_reduce:
             raise ValueError("the criterion returns partial per-shard KL; use nemo_paced.megatron.PacedLogitsKL")
-        weighted_sum, weight_sum = paced_reduce(per_token, batch["loss_mask"], batch["sample_weight"])
+        weighted_sum, _ = paced_reduce(per_token, batch["loss_mask"], batch["sample_weight"])
         W = totals.weight_sum
         loss = torch.where(W > 0, weighted_sum / W.clamp(min=torch.finfo(torch.float32).tiny), weighted_sum * 0)
         return loss, torch.zeros([], dtype=torch.int, device=loss.device), self._report(per_token, batch, totals,
-                                                                                        weighted_sum, weight_sum)
+                                                                                        weighted_sum)
 
-    def _report(self, per_token, batch, totals, weighted_sum, weight_sum) -> dict[str, torch.Tensor]:
-        """(sum, count) pairs: Bridge sums them over micro-batches and DP ranks and logs sum / count."""
+    def _report(self, per_token, batch, totals: StepTotals, weighted_sum) -> dict[str, torch.Tensor]:
+        """Entries (share, 1 / shares): each micro-batch's part of a step-wide mean, already divided by
+        the step's global count. Bridge sums entries over micro-batches and DP ranks and logs
+        sum[0] / sum[1], which gives the step's value, and 0 (not NaN) for an empty group."""
         mask = batch["loss_mask"] != 0
         tokens = mask.sum(-1)
         has_tokens = tokens > 0
         kl = torch.where(mask, per_token.detach().float(), 0.0)  # select, so inf/NaN at masked positions stay out
-        seq_kl = (kl.sum(-1) / tokens.clamp(min=1))[has_tokens]
-        weight = batch["sample_weight"].float()
-        pair = lambda total, count: torch.stack([torch.as_tensor(total, dtype=torch.float32, device=weight.device),
-                                                 torch.as_tensor(count, dtype=torch.float32, device=weight.device)])
+        seq_kl = torch.where(has_tokens, kl.sum(-1) / tokens.clamp(min=1), 0.0)
+        count = torch.tensor(1.0 / totals.shares, device=seq_kl.device)
+
+        def entry(total: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.where(over > 0, total.float() / over.clamp(min=1e-30), 0.0), count])
+
         report = {
-            "paced kl": pair(weighted_sum.detach(), weight_sum),
-            "kl": pair(seq_kl.sum(), seq_kl.numel()),
-            "mean weight": pair(weight.sum(), weight.numel()),
-            "weight ess": pair(totals.ess, 1.0),
+            "paced kl": entry(weighted_sum.detach(), totals.weight_sum),
+            "kl": entry(seq_kl.sum(), totals.with_tokens),
+            "mean weight": entry(batch["sample_weight"].float().sum(), totals.sequences),
+            "weight ess": torch.stack([totals.ess * count, count]),
         }
         if batch.get("pass_rate") is not None:
-            p = batch["pass_rate"].float()[has_tokens]
-            for low, high in zip(self.bins[:-1], self.bins[1:]):
-                inside = (p >= low) & ((p < high) if high < self.bins[-1] else (p <= high))
-                report[f"kl pass [{low:.2f},{high:.2f}{')' if high < self.bins[-1] else ']'}"] = pair(
-                    seq_kl[inside].sum(), inside.sum())
+            inside = self._bin_masks(batch) & has_tokens
+            for b, name in enumerate(self._bin_names()):
+                report[name] = entry(seq_kl[inside[b]].sum(), totals.per_bin[b])
         return report
 
+    # --- pass-rate bins and step totals -----------------------------------------------------------
 
-def _step_totals(batches) -> StepTotals:
-    """W, sum w^2 over the step's micro-batches on this rank, all-reduced over data parallelism."""
-    sums = torch.zeros(2, dtype=torch.float64, device=batches[0]["sample_weight"].device)
-    for batch in batches:
-        counted = batch["sample_weight"].double() * (batch["loss_mask"].sum(-1) > 0)
-        sums += torch.stack([counted.sum(), (counted * counted).sum()])
-    if parallel_state.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    weight_sum, square_sum = sums
-    ess = weight_sum**2 / square_sum if square_sum > 0 else torch.zeros_like(weight_sum)
-    return StepTotals(weight_sum=weight_sum.float(), ess=ess.float())
+    def _bin_names(self) -> list[str]:
+        last = len(self.bins) - 2
+        return [f"kl pass [{lo:.2f},{hi:.2f}{']' if b == last else ')'}"
+                for b, (lo, hi) in enumerate(zip(self.bins[:-1], self.bins[1:]))]
+
+    def _bin_masks(self, batch) -> torch.Tensor:
+        """[bins, b]: which sequences fall in each bin (the last bin includes its upper edge)."""
+        p = batch["pass_rate"].float()
+        low, high = torch.tensor(self.bins[:-1], device=p.device), torch.tensor(self.bins[1:], device=p.device)
+        below = p[None] < high[:, None]
+        below[-1] = p <= high[-1]
+        return (p[None] >= low[:, None]) & below
+
+    def _step_totals(self, batches) -> StepTotals:
+        """Sum the step's weights and counts on this rank, then over the data-parallel group."""
+        device = batches[0]["sample_weight"].device
+        sums = torch.zeros(4 + len(self.bins) - 1, dtype=torch.float64, device=device)
+        for batch in batches:
+            has_tokens = (batch["loss_mask"] != 0).sum(-1) > 0
+            w = batch["sample_weight"].double() * has_tokens
+            bins = (self._bin_masks(batch) & has_tokens).sum(-1) if batch.get("pass_rate") is not None else 0
+            sums += torch.cat([torch.stack([w.sum(), (w * w).sum(), torch.tensor(float(len(w)), device=device),
+                                            has_tokens.sum().double()]), torch.zeros_like(sums[4:]) + bins])
+        dp = parallel_state.get_data_parallel_world_size()
+        if dp > 1:
+            torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        sums = sums.float()
+        return StepTotals(weight_sum=sums[0], weight_square_sum=sums[1], sequences=sums[2], with_tokens=sums[3],
+                          per_bin=sums[4:], shares=len(batches) * dp)
