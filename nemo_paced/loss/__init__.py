@@ -1,6 +1,7 @@
 """Distillation losses: exact vocab-parallel divergences and the PACED per-problem reduction."""
 
+from nemo_paced.loss.fused import fused_linear_kl
 from nemo_paced.loss.reduce import paced_reduce
 from nemo_paced.loss.vocab_parallel import vocab_parallel_akl, vocab_parallel_jsd, vocab_parallel_kl
 
-__all__ = ["paced_reduce", "vocab_parallel_akl", "vocab_parallel_jsd", "vocab_parallel_kl"]
+__all__ = ["fused_linear_kl", "paced_reduce", "vocab_parallel_akl", "vocab_parallel_jsd", "vocab_parallel_kl"]

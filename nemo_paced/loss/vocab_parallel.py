@@ -90,7 +90,22 @@ class _VocabParallelDivergence(torch.autograd.Function):
         return grad.mul_(grad_values.unsqueeze(-1)), None, None, None, None, None
 
 
+def check_options(temperature: float, chunk_size: int | None) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
+
+
+def kl_direction(direction: str) -> Divergence:
+    divergences = {"forward": forward_kl, "reverse": reverse_kl}
+    if direction not in divergences:
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    return divergences[direction]
+
+
 def _check(student: Tensor, teacher: Tensor, temperature: float, chunk_size: int | None) -> None:
+    check_options(temperature, chunk_size)
     if student.shape != teacher.shape:
         raise ValueError(f"student logits {tuple(student.shape)} and teacher logits "
                          f"{tuple(teacher.shape)} must have the same shape [..., V_local]")
@@ -99,10 +114,6 @@ def _check(student: Tensor, teacher: Tensor, temperature: float, chunk_size: int
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
 
 
 def _apply(student: Tensor, teacher: Tensor, divergence: Divergence, temperature: float,
@@ -122,10 +133,7 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *,
     `tp_group` (None: the whole vocabulary is local). Differentiable in the student logits only.
     `chunk_size` tokens are processed at a time (None: about 4M logits per chunk).
     """
-    divergences = {"forward": forward_kl, "reverse": reverse_kl}
-    if direction not in divergences:
-        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
-    return _apply(student_logits, teacher_logits, divergences[direction], temperature, tp_group,
+    return _apply(student_logits, teacher_logits, kl_direction(direction), temperature, tp_group,
                   chunk_size)
 
 
