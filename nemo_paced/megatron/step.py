@@ -16,6 +16,11 @@ Sequence weights. Bridge's own batch loader keeps only the keys it knows and dro
 `sample_weight`, so this step reads the batch dict itself: `tokens`, `position_ids`, `labels`,
 `loss_mask`, `sample_weight` (float, one per sequence) and optionally `attention_mask` and
 `pass_rate` (for the per-bin report).
+
+Report. Per micro-batch, in Bridge's (value, count) form, already divided by the step's global
+counts so that Bridge's sum over micro-batches and DP ranks logs the step's value: "paced kl" (the
+objective L), "kl" (unweighted mean over sequences), "mean weight", "weight ess" ((sum w)^2 / sum w^2)
+and "kl pass [a,b)" (mean KL of the sequences whose pass rate lies in each bin).
 """
 
 from __future__ import annotations
