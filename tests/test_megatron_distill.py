@@ -20,7 +20,7 @@ import torch
 
 from gloo_ranks import run_ranks
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 VOCAB, SEQ, GLOBAL_BATCH, MICRO = 96, 8, 8, 2
 STUDENT = dict(num_layers=2, hidden_size=16, num_attention_heads=4)
