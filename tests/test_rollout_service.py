@@ -104,7 +104,8 @@ def test_on_policy_logprobs_match_teacher_forcing(server, workspace):
     client = server.client()
     version = client.health()["table_version"]
     batch = client.sample(["digits", "ops", "all"], n=3, max_tokens=4, seed=1, fold=False)
-    assert batch.checkpoint == str(root / "model-a") and [p.problem_id for p in batch.problems] == ["digits", "ops", "all"]
+    assert batch.checkpoint == str(root / "model-a")
+    assert [p.problem_id for p in batch.problems] == ["digits", "ops", "all"]
     answers = {problem_id: answer for problem_id, _, answer in TOY_PROBLEMS}
     worst = 0.0
     for problem in batch.problems:
@@ -169,7 +170,7 @@ def test_concurrent_clients(server):
     assert table["ops"].trials == 8 and table["all"].trials == 8
 
 
-def test_bad_requests_get_4xx_naming_the_field(server):
+def test_bad_requests_get_4xx_naming_the_field(server, workspace, tmp_path):
     client = server.client()
     cases = [
         (lambda: client.estimate(k=1000), "field 'k'"),
@@ -179,6 +180,7 @@ def test_bad_requests_get_4xx_naming_the_field(server):
         (lambda: client.sample(["digits"], max_tokens=5000), "field 'max_tokens'"),
         (lambda: client.sample([]), "field 'ids'"),
         (lambda: client.load_weights("/nonexistent/checkpoint"), "field 'path'"),
+        (lambda: client.load_weights(tmp_path), "field 'path': cannot load weights"),  # a directory, no model
         (lambda: client.job("nope"), "field 'job_id'"),
         (lambda: client.table_since(-1), "field 'since'"),
     ]
@@ -194,7 +196,7 @@ def test_bad_requests_get_4xx_naming_the_field(server):
         assert http.post("/estimate", json={"ids": ["x" * 100] * 1000}).status_code == 413
         chunked = http.post("/estimate", content=iter([b'{"ids": ["', b"y" * 70000, b'"]}']))
         assert chunked.status_code == 413
-    assert client.health()["status"] == "ok"
+    assert client.health()["checkpoint"] == str(workspace[0] / "model-a")  # still serving the old weights
 
 
 def test_metrics(server):

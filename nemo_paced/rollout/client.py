@@ -148,8 +148,8 @@ class RolloutClient:
                 raise ServiceUnavailable(f"rollout service at {self.url}: {method} {path} failed with HTTP "
                                          f"{response.status_code}: {_detail(response)}")
             if response.status_code >= 400:
-                raise RequestRejected(response.status_code, f"rollout service at {self.url} refused {method} "
-                                                            f"{path} (HTTP {response.status_code}): {_detail(response)}")
+                raise RequestRejected(response.status_code, f"rollout service at {self.url} refused {method} {path} "
+                                                            f"(HTTP {response.status_code}): {_detail(response)}")
             return response
         raise ServiceUnavailable(f"cannot reach the rollout service at {self.url} ({method} {path}, "
                                  f"{attempt + 1} attempt(s)): {type(error).__name__}: {error}")

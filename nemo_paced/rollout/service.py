@@ -145,13 +145,13 @@ class RolloutService:
             return
         state = json.loads(self.state_path.read_text(encoding="utf-8"))
         checkpoint = state.get("checkpoint")
-        if checkpoint and checkpoint != self.engine.checkpoint:
-            if Path(checkpoint).is_dir():
-                log.info("resuming with the last loaded weights %s", checkpoint)
-                self.engine.load_weights(checkpoint)
-                self.step = state.get("step")
-            else:
-                log.warning("last loaded weights %s are gone; serving %s", checkpoint, self.engine.checkpoint)
+        if checkpoint and checkpoint != self.engine.checkpoint and Path(checkpoint).is_dir():
+            log.info("resuming with the last loaded weights %s", checkpoint)
+            self.engine.load_weights(checkpoint)
+        if checkpoint == self.engine.checkpoint:
+            self.step = state.get("step")
+        else:
+            log.warning("last loaded weights %s are gone; serving %s", checkpoint, self.engine.checkpoint)
         for row in state.get("jobs", []):
             job = Job(**row)
             self.jobs[job.id] = job
@@ -167,9 +167,9 @@ class RolloutService:
         atomic_write_json(self.state_path, {"checkpoint": self.engine.checkpoint, "step": self.step,
                                             "jobs": [asdict(j) for j in self.jobs.values()]})
 
-    def _fold(self, outcomes: list[Outcome], checkpoint: str) -> int:
+    def _fold(self, outcomes: list[Outcome], checkpoint: str, step: int | None) -> int:
         """Caller holds self._lock. Update the table and save it before anyone can read the new version."""
-        version = self.table.update(outcomes, checkpoint=checkpoint, step=self.step)
+        version = self.table.update(outcomes, checkpoint=checkpoint, step=step)
         self.table.save(self.table_path)
         return version
 
@@ -201,16 +201,19 @@ class RolloutService:
             raise RequestError(name, f"must lie in 1..{self.config.max_k} (the service's --max-k), got {value}")
         return value
 
-    def _rollout(self, problems: Sequence[Problem], params: SamplingParams) -> list[ProblemRollouts]:
+    def _rollout(self, problems: Sequence[Problem],
+                 params: SamplingParams) -> tuple[list[ProblemRollouts], int | None]:
+        """Graded samples and the training step of the weights that drew them."""
         with self._engine_lock:
             start = time.perf_counter()
             results = rollout(self.engine, problems, self.verifier, params, self.config.template)
             elapsed = time.perf_counter() - start
+            step = self.step
         with self._lock:
             self.engine_seconds += elapsed
             self.rollouts += sum(r.trials for r in results)
             self.tokens += sum(len(s.token_ids) for r in results for s in r.samples)
-        return results
+        return results, step
 
     def submit(self, ids: Sequence[str] | None = None, k: int | None = None) -> Job:
         """Queue an estimation of `ids` (all problems when None) with K samples each."""
@@ -247,14 +250,14 @@ class RolloutService:
         params = SamplingParams(self._k(n, "n"), self.config.temperature if temperature is None else temperature,
                                 self.config.top_p if top_p is None else top_p,
                                 self.config.max_tokens if max_tokens is None else max_tokens, seed)
-        results = self._rollout(problems, params)
+        results, step = self._rollout(problems, params)
         with self._lock:
             if fold:
-                self._pool_scores(results)
-            return {"checkpoint": results[0].checkpoint, "step": self.step, "table_version": self.table.version,
+                self._pool_scores(results, step)
+            return {"checkpoint": results[0].checkpoint, "step": step, "table_version": self.table.version,
                     "problems": [r.to_row() for r in results]}
 
-    def _pool_scores(self, results: list[ProblemRollouts]) -> None:
+    def _pool_scores(self, results: list[ProblemRollouts], step: int | None) -> None:
         """Caller holds self._lock."""
         ready = []
         for r in results:
@@ -264,15 +267,18 @@ class RolloutService:
             if pooled[1] >= self.config.k:
                 ready.append(Outcome(r.problem_id, *self._pool.pop(r.problem_id)))
         if ready:
-            self._fold(ready, results[0].checkpoint)
+            self._fold(ready, results[0].checkpoint, step)
 
     def load_weights(self, path: str, step: int | None = None) -> dict[str, Any]:
         if not Path(path).is_dir():
             raise RequestError("path", f"{path!r} is not a directory on the service's machine")
         with self._engine_lock:
-            self.engine.load_weights(path)
+            try:
+                self.engine.load_weights(path)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise RequestError("path", f"cannot load weights from {path!r}: {type(e).__name__}: {e}") from e
+            self.step = step  # changes with the weights, under the same lock, so samples report the right step
         with self._lock:
-            self.step = step
             self._save_state()
         log.info("loaded weights %s (step %s)", path, step)
         return {"checkpoint": self.engine.checkpoint, "step": step}
@@ -333,10 +339,10 @@ class RolloutService:
         for ids in batched(job.ids[job.done:], self.config.batch_problems):
             if self._stop.is_set():
                 return  # stays "running"; queued again on restart
-            results = self._rollout([self.problems[i] for i in ids], params)
+            results, step = self._rollout([self.problems[i] for i in ids], params)
             checkpoint = results[0].checkpoint
             with self._lock:
-                job.table_version = self._fold([r.outcome() for r in results], checkpoint)
+                job.table_version = self._fold([r.outcome() for r in results], checkpoint, step)
                 job.done += len(ids)
                 if checkpoint not in job.checkpoints:
                     job.checkpoints.append(checkpoint)
