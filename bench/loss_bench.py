@@ -40,9 +40,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nemo_paced.loss import vocab_parallel_akl, vocab_parallel_jsd, vocab_parallel_kl  # noqa: E402
+from nemo_paced.loss import (  # noqa: E402
+    fused_linear_kl, vocab_parallel_akl, vocab_parallel_jsd, vocab_parallel_kl)
 
-Loss = Callable[[torch.Tensor, torch.Tensor, "dist.ProcessGroup | None"], torch.Tensor]
+# loss(*differentiable inputs, teacher_logits, group) -> per-token values [N]
+Loss = Callable[..., torch.Tensor]
 
 
 def _force_mmap() -> None:
@@ -133,6 +135,16 @@ def ours(fn, **kw) -> Loss:
     return lambda s, t, group: fn(s, t, tp_group=group, **kw)
 
 
+def with_head(loss: Loss) -> Loss:
+    """The student's output layer (autograd matmul, full logits) followed by `loss`."""
+    return lambda hidden, weight, t, group: loss(hidden @ weight.t(), t, group)
+
+
+def fused(direction: str) -> Loss:
+    return lambda hidden, weight, t, group: fused_linear_kl(hidden, weight, t, direction=direction,
+                                                            tp_group=group)
+
+
 @dataclass
 class Row:
     name: str
@@ -161,6 +173,15 @@ def rows(tp: int) -> list[Row]:
     return out
 
 
+def head_rows() -> list[Row]:
+    fwd, rev = "head + modelopt fwd", "head + modelopt rev"
+    return [Row(fwd, with_head(modelopt(False)), fwd), Row(rev, with_head(modelopt(True)), rev),
+            Row("head + nemo_paced kl fwd", with_head(ours(vocab_parallel_kl, direction="forward")), fwd),
+            Row("head + nemo_paced kl rev", with_head(ours(vocab_parallel_kl, direction="reverse")), rev),
+            Row("nemo_paced fused head+kl fwd", fused("forward"), fwd),
+            Row("nemo_paced fused head+kl rev", fused("reverse"), rev)]
+
+
 # ---- measurement --------------------------------------------------------------------------------
 
 def _sync(device, group) -> None:
@@ -170,29 +191,30 @@ def _sync(device, group) -> None:
         dist.barrier(group)
 
 
-def _run_once(row: Row, student: torch.Tensor, teacher: torch.Tensor, group) -> torch.Tensor:
-    s = student.detach().requires_grad_()
-    values = row.loss(s, teacher, group)
+def _run_once(row: Row, tensors: tuple[torch.Tensor, ...], group) -> torch.Tensor:
+    """Forward+backward with every tensor but the last (the teacher's logits) a fresh leaf."""
+    leaves = [x.detach().requires_grad_() for x in tensors[:-1]]
+    values = row.loss(*leaves, tensors[-1], group)
     values.sum().backward()
     return values.detach()
 
 
-def measure(row: Row, student, teacher, group, repeats: int) -> dict:
-    device = student.device
-    values = _run_once(row, student, teacher, group)  # warm-up
+def measure(row: Row, tensors: tuple[torch.Tensor, ...], group, repeats: int) -> dict:
+    device = tensors[0].device
+    values = _run_once(row, tensors, group)  # warm-up
     if "modelopt" in row.name and group is not None:
         dist.all_reduce(values, group=group)  # ModelOpt returns per-shard partial KL
     total = float(values.double().sum())
     del values
     _sync(device, group)
     with PeakMemory(device) as mem:
-        _run_once(row, student, teacher, group)
+        _run_once(row, tensors, group)
         _sync(device, group)
     times = []
     for _ in range(repeats):
         _sync(device, group)
         start = time.perf_counter()
-        _run_once(row, student, teacher, group)
+        _run_once(row, tensors, group)
         _sync(device, group)
         times.append(time.perf_counter() - start)
     return dict(name=row.name, baseline=row.baseline, peak=mem.peak, time=statistics.median(times),
@@ -208,6 +230,14 @@ def inputs(tokens: int, vocab: int, dtype: torch.dtype, device, rank: int = 0, t
     return s.to(device).contiguous(), t.to(device).contiguous()
 
 
+def head_inputs(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device):
+    g = torch.Generator().manual_seed(4321)
+    h = torch.randn(tokens, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5 * 3
+    t = 0.6 * (h @ w.t()) + torch.randn(tokens, vocab, generator=g) * 3
+    return h.to(device, dtype), w.to(device, dtype), t.to(device, dtype)
+
+
 def table(results: list[dict], title: str) -> str:
     by_name = {r["name"]: r for r in results}
     lines = [f"\n{title}", f"| {'loss (forward+backward)':28} | peak extra MiB | x ModelOpt | time s | x ModelOpt | Σ per-token value |",
@@ -221,17 +251,19 @@ def table(results: list[dict], title: str) -> str:
 
 def run_shape(tokens: int, vocab: int, dtype: torch.dtype, device, repeats: int, group=None,
               rank: int = 0, tp: int = 1) -> list[dict]:
-    student, teacher = inputs(tokens, vocab, dtype, device, rank, tp)
-    results = []
-    for row in rows(tp):
-        results.append(measure(row, student, teacher, group, repeats))
-        gc.collect()
-    return results
+    tensors = inputs(tokens, vocab, dtype, device, rank, tp)
+    return [measure(row, tensors, group, repeats) for row in rows(tp)]
 
 
-def _tp_worker(rank: int, world: int, port: int, tokens: int, vocab: int, dtype, repeats: int, queue) -> None:
+def run_head(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device, repeats: int) -> list[dict]:
+    tensors = head_inputs(tokens, vocab, hidden, dtype, device)
+    return [measure(row, tensors, None, repeats) for row in head_rows()]
+
+
+def _tp_worker(rank: int, world: int, port: int, tokens: int, vocab: int, dtype, repeats: int,
+               threads: int, queue) -> None:
     _force_mmap()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
@@ -243,7 +275,7 @@ def _tp_worker(rank: int, world: int, port: int, tokens: int, vocab: int, dtype,
         dist.destroy_process_group()
 
 
-def run_tp(tp: int, tokens: int, vocab: int, dtype, repeats: int) -> list[dict]:
+def run_tp(tp: int, tokens: int, vocab: int, dtype, repeats: int, threads: int) -> list[dict]:
     import torch.multiprocessing as mp
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from gloo_ranks import free_port
@@ -251,7 +283,7 @@ def run_tp(tp: int, tokens: int, vocab: int, dtype, repeats: int) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_tp_worker, args=(r, tp, port, tokens, vocab, dtype, repeats, queue))
+    procs = [ctx.Process(target=_tp_worker, args=(r, tp, port, tokens, vocab, dtype, repeats, threads, queue))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -266,26 +298,33 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per process (1: stable timings on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     _force_mmap()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
-        shapes_tp1 = [(4096, 32768), (8192, 151936)]
-        shapes_tp2 = []
+        shapes_tp1, shapes_tp2, shapes_head = [(4096, 32768), (8192, 151936)], [], [(8192, 151936, 2048)]
     elif args.quick:
-        shapes_tp1, shapes_tp2 = [(256, 8192)], [(256, 8192)]
+        shapes_tp1, shapes_tp2, shapes_head = [(256, 8192)], [(256, 8192)], [(256, 8192, 64)]
     else:
-        shapes_tp1, shapes_tp2 = [(1024, 32768), (4096, 32768), (1024, 151936)], [(4096, 32768)]
+        shapes_tp1 = [(1024, 32768), (4096, 32768), (1024, 151936)]
+        shapes_tp2, shapes_head = [(4096, 32768)], [(4096, 32768, 256)]
     cpu = os.cpu_count()
     print(f"# torch {torch.__version__}, {device} ({torch.cuda.get_device_name() if cuda else f'{cpu} CPU cores'}), "
-          f"{args.dtype} logits, median of {args.repeats}")
+          f"{args.dtype} logits, {args.threads} thread(s) per process, median of {args.repeats}")
     for tokens, vocab in shapes_tp1:
         res = run_shape(tokens, vocab, dtype, device, args.repeats)
         print(table(res, f"TP=1, {tokens} tokens x {vocab} vocab ({dtype})"), flush=True)
+    for tokens, vocab, hidden in shapes_head:
+        res = run_head(tokens, vocab, hidden, dtype, device, args.repeats)
+        print(table(res, f"TP=1, output layer + loss: {tokens} tokens x hidden {hidden} -> {vocab} vocab "
+                         f"({dtype}); rows without 'fused' materialise the logits"), flush=True)
     for tokens, vocab in shapes_tp2:
-        res = run_tp(2, tokens, vocab, dtype, args.repeats)
+        res = run_tp(2, tokens, vocab, dtype, args.repeats, args.threads)
         print(table(res, f"TP=2 (gloo, rank 0 holds {vocab // 2}), {tokens} tokens x {vocab} vocab ({dtype})"),
               flush=True)
 
