@@ -12,7 +12,9 @@ Peak extra memory (documented method):
   one row's garbage cannot hide in the next row's baseline. tracemalloc is useless here: it sees
   Python's allocator only, not torch's.
 - CUDA: `torch.cuda.max_memory_allocated()` − allocated-before, after `reset_peak_memory_stats()`.
-Time: median of `--repeats` runs after one warm-up run.
+Time: median of `--repeats` rounds, each round running every row once (after one warm-up run per
+row), so that load changes on a shared machine hit all rows alike; one torch thread per process by
+default.
 
 TP = 2 runs the same rows in 2 processes joined by gloo on 127.0.0.1 (each holds half of the
 vocabulary; the naive rows all-gather it); the figures are rank 0's, memory per rank.
@@ -199,26 +201,36 @@ def _run_once(row: Row, tensors: tuple[torch.Tensor, ...], group) -> torch.Tenso
     return values.detach()
 
 
-def measure(row: Row, tensors: tuple[torch.Tensor, ...], group, repeats: int) -> dict:
+def _timed(row: Row, tensors: tuple[torch.Tensor, ...], group) -> float:
     device = tensors[0].device
-    values = _run_once(row, tensors, group)  # warm-up
-    if "modelopt" in row.name and group is not None:
-        dist.all_reduce(values, group=group)  # ModelOpt returns per-shard partial KL
-    total = float(values.double().sum())
-    del values
     _sync(device, group)
-    with PeakMemory(device) as mem:
-        _run_once(row, tensors, group)
+    start = time.perf_counter()
+    _run_once(row, tensors, group)
+    _sync(device, group)
+    return time.perf_counter() - start
+
+
+def measure(rows_: list[Row], tensors: tuple[torch.Tensor, ...], group, repeats: int) -> list[dict]:
+    """Warm-up and peak memory row by row, then `repeats` rounds over all rows (load drifts hit all)."""
+    device = tensors[0].device
+    results = []
+    for row in rows_:
+        values = _run_once(row, tensors, group)  # warm-up
+        if "modelopt" in row.name and group is not None:
+            dist.all_reduce(values, group=group)  # ModelOpt returns per-shard partial KL
+        total = float(values.double().sum())
+        del values
         _sync(device, group)
-    times = []
+        with PeakMemory(device) as mem:
+            _run_once(row, tensors, group)
+            _sync(device, group)
+        results.append(dict(name=row.name, baseline=row.baseline, peak=mem.peak, total=total, times=[]))
     for _ in range(repeats):
-        _sync(device, group)
-        start = time.perf_counter()
-        _run_once(row, tensors, group)
-        _sync(device, group)
-        times.append(time.perf_counter() - start)
-    return dict(name=row.name, baseline=row.baseline, peak=mem.peak, time=statistics.median(times),
-                total=total)
+        for row, result in zip(rows_, results):
+            result["times"].append(_timed(row, tensors, group))
+    for result in results:
+        result["time"] = statistics.median(result.pop("times"))
+    return results
 
 
 def inputs(tokens: int, vocab: int, dtype: torch.dtype, device, rank: int = 0, tp: int = 1):
@@ -252,12 +264,12 @@ def table(results: list[dict], title: str) -> str:
 def run_shape(tokens: int, vocab: int, dtype: torch.dtype, device, repeats: int, group=None,
               rank: int = 0, tp: int = 1) -> list[dict]:
     tensors = inputs(tokens, vocab, dtype, device, rank, tp)
-    return [measure(row, tensors, group, repeats) for row in rows(tp)]
+    return measure(rows(tp), tensors, group, repeats)
 
 
 def run_head(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device, repeats: int) -> list[dict]:
     tensors = head_inputs(tokens, vocab, hidden, dtype, device)
-    return [measure(row, tensors, None, repeats) for row in head_rows()]
+    return measure(head_rows(), tensors, None, repeats)
 
 
 def _tp_worker(rank: int, world: int, port: int, tokens: int, vocab: int, dtype, repeats: int,
