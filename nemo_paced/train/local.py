@@ -1,0 +1,361 @@
+"""Single-machine PACED distillation with Hugging Face models: the embedded default for one machine.
+
+It drives the same pieces as the Megatron path: pass rates from the rollout service (over HTTP),
+the `PacedSampler`, the Paced KL (`vocab_parallel_kl` + `paced_reduce`, normalised over the
+batch), teacher references for stage 1 and the student's own samples for stage 2, on the
+`TwoStageSchedule`. The student's weights are pushed to the service whenever pass rates are
+re-estimated, on-policy samples are drawn, or the student is evaluated, so the service always
+samples from the model being trained.
+
+Pass-rate evidence: the run starts from a saved table (`passrates`) and afterwards takes only the
+evidence the service produced during this run (records newer than the service's table version at
+the start), so one service can serve several runs in turn.
+
+Checkpoints (`out_dir/checkpoint.pt`, written atomically every `checkpoint_every` steps and on
+SIGTERM / SIGUSR1) hold the student, optimizer, schedule position, sampler state, pass-rate table
+and history; `train` resumes from one when it exists. A signal ends the run at the next step
+boundary with status "preempted" (SLURM sends SIGTERM, or SIGUSR1 with `--signal`, before the end).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nemo_paced.atomic import atomic_open, atomic_write_json
+from nemo_paced.schedule import StageName, TwoStageSchedule
+from nemo_paced.weighting import WeightConfig, effective_sample_size, extreme_fraction, normalise
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    """One distillation run. Problems whose `meta.split` is "test" are evaluation benchmarks, grouped
+    by `meta.benchmark`; every other problem is in the training pool."""
+
+    student: str  # starting student (Hugging Face directory)
+    teacher: str
+    problems: str  # problem file: the training pool and the evaluation benchmarks
+    references: str  # teacher references for the pool (`nemo-paced make-references`)
+    passrates: str  # pass-rate table of the starting student on the pool
+    rollout: str  # rollout service URL or address file; it must serve the same problem file
+    out_dir: str
+    schedule: TwoStageSchedule = field(default_factory=lambda: TwoStageSchedule(total_steps=200))
+    weighting: WeightConfig = field(default_factory=WeightConfig)
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    kl_temperature: float = 1.0
+    seq_length: int = 64
+    template: str = "raw"
+    rkl_sync_every: int = 1  # push the student to the service every N reverse-KL steps
+    eval_every: int = 0  # evaluate every N steps (0: only before and after)
+    eval_samples: int = 8
+    checkpoint_every: int = 50
+    final_estimate: bool = True  # re-estimate pool pass rates after training (the "after" histogram)
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_length", "rkl_sync_every", "eval_samples", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "kl_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.warmup_steps < 0:
+            raise ValueError("eval_every and warmup_steps must be >= 0")
+
+
+def train(config: LocalTrainConfig) -> dict[str, Any]:
+    """Run (or resume) the distillation; returns the result also written to `out_dir/result.json`."""
+    return _Run(config).run()
+
+
+class _Run:
+    def __init__(self, config: LocalTrainConfig) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from nemo_paced.batches import BatchBuilder
+        from nemo_paced.passrates import PassRateTable
+        from nemo_paced.problems import load_problems
+        from nemo_paced.references import ReferenceBatches, load_references
+        from nemo_paced.rollout.client import RolloutClient
+
+        self.config = c = config
+        self.out = Path(c.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(c.seed)
+        problems = load_problems(c.problems)
+        self.pool = [p for p in problems if p.meta.get("split") != "test"]
+        self.pool_ids = [p.id for p in self.pool]
+        self.benchmarks: dict[str, list[str]] = collections.defaultdict(list)
+        for p in problems:
+            if p.meta.get("split") == "test":
+                self.benchmarks[str(p.meta.get("benchmark", "test"))].append(p.id)
+        self.tokenizer = AutoTokenizer.from_pretrained(c.student)
+        self.student = AutoModelForCausalLM.from_pretrained(c.student, dtype=torch.float32)
+        self.teacher = AutoModelForCausalLM.from_pretrained(c.teacher, dtype=torch.float32).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=c.lr, weight_decay=0.0)
+        total = c.schedule.total_steps
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(
+            1, c.warmup_steps)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
+        self.builder = BatchBuilder(self.tokenizer, c.seq_length)
+        pool_set = set(self.pool_ids)
+        references = {i: r for i, r in load_references(c.references).items() if i in pool_set}
+        self.references = ReferenceBatches(self.pool, references, self.builder, c.template)
+        self.client = RolloutClient.connect(c.rollout)
+        self.table = PassRateTable.load(c.passrates)
+        self.seen_version = self.client.health()["table_version"]
+        self.step = 0
+        self.history: dict[str, list] = {"steps": [], "evals": [], "passrates": [], "pushes": 0}
+        self.draws: collections.Counter[str] = collections.Counter()
+        self.sampler = None
+        self.sampler_stage: StageName | None = None
+        self._pushed: int | None = None
+        self._signal: int | None = None
+        self._resume()
+
+    # --- main loop ------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        schedule = c.schedule
+        restore = self._install_signal_handlers()
+        try:
+            if self.step == 0 and not self.history["evals"]:
+                self._record_passrates("start")
+                self._evaluate()
+            bar = tqdm(total=schedule.total_steps, initial=self.step, disable=not c.progress, unit="step",
+                       desc=Path(c.out_dir).name, dynamic_ncols=True, leave=False)
+            while self.step < schedule.total_steps:
+                if self._signal is not None:
+                    self._save_checkpoint()
+                    bar.close()
+                    log.warning("signal %d: checkpoint saved at step %d, stopping", self._signal, self.step)
+                    return self._finish("preempted")
+                if schedule.reestimate_before(self.step):
+                    self._reestimate()
+                metrics = self._train_step(schedule.stage(self.step))
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(stage=metrics["stage"], loss=f"{metrics['loss']:.4f}", kept=metrics["kept"])
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < schedule.total_steps:
+                    self._evaluate()
+                if self.step % c.checkpoint_every == 0 or self.step == schedule.total_steps:
+                    self._save_checkpoint()
+            bar.close()
+            self._evaluate()
+            if c.final_estimate:
+                self._reestimate(label="end")
+            self.student.save_pretrained(self.out / "final")
+            self.tokenizer.save_pretrained(self.out / "final")
+            return self._finish("done")
+        finally:
+            restore()
+
+    def _train_step(self, stage: StageName) -> dict[str, Any]:
+        from nemo_paced.loss import paced_reduce, vocab_parallel_kl
+
+        batch = self._next_batch(stage)
+        self.student.train()
+        tokens, positions = batch["tokens"], batch["position_ids"]
+        student_logits = self.student(input_ids=tokens, position_ids=positions).logits
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=tokens, position_ids=positions).logits
+        per_token = vocab_parallel_kl(student_logits, teacher_logits,
+                                      direction="forward" if stage == "fkl" else "reverse",
+                                      temperature=self.config.kl_temperature)
+        weighted_sum, weight_sum = paced_reduce(per_token, batch["loss_mask"], batch["sample_weight"])
+        loss = normalise(weighted_sum, weight_sum, len(batch["problem_ids"]))  # sum w*l / sum w
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.draws.update(batch["problem_ids"])
+        kept = int((batch["sample_weight"] > 0).sum())
+        metrics = {"step": self.step, "stage": stage, "loss": loss.item(), "weight_sum": weight_sum.item(),
+                   "kept": kept, "tokens": int(batch["loss_mask"][batch["sample_weight"] > 0].sum()),
+                   "table_version": self.table.version}
+        self.history["steps"].append(metrics)
+        return metrics
+
+    # --- data -----------------------------------------------------------------------------------
+
+    def _next_batch(self, stage: StageName) -> dict[str, Any]:
+        from nemo_paced.batches import Pair
+
+        c = self.config
+        if self.sampler_stage != stage:
+            self._make_sampler(stage)
+        if stage == "fkl":
+            return next(self.sampler)
+        draw = next(self.sampler)
+        if (self.step - c.schedule.switch_step) % c.rkl_sync_every == 0:
+            self._push()
+        rollouts = self.client.sample(draw.problem_ids, n=1, seed=c.seed * 1_000_003 + self.step, fold=True)
+        pairs = [Pair(r.problem_id, r.prompt_token_ids, r.samples[0].token_ids, float(w))
+                 for r, w in zip(rollouts.problems, draw.weights)]
+        self._pull()  # on-policy scores fold into pass rates once K per problem have arrived
+        return self.builder.micro_batch(pairs)
+
+    # --- the rollout service ----------------------------------------------------------------------
+
+    def _push(self) -> None:
+        """Make the service sample from the current student."""
+        if self._pushed == self.step:
+            return
+        directory = self.out / "weights" / f"step-{self.step}"
+        self.student.save_pretrained(directory)
+        self.client.load_weights(directory.resolve(), step=self.step)
+        for old in (self.out / "weights").iterdir():
+            if old != directory:
+                shutil.rmtree(old, ignore_errors=True)
+        self._pushed = self.step
+        self.history["pushes"] += 1
+
+    def _pull(self) -> None:
+        """Adopt the evidence the service produced since this run last looked (only this run's)."""
+        version, records = self.client.table_since(self.seen_version)
+        pool = set(self.pool_ids)
+        mine = [r for r in records if r.problem_id in pool]
+        if mine:
+            self.table.merge(mine, max(version, self.table.version + 1))
+        self.seen_version = version
+
+    def _reestimate(self, label: str | None = None) -> None:
+        self._push()
+        started = time.perf_counter()
+        job = self.client.estimate(self.pool_ids)
+        self.client.wait(job, poll=0.1)
+        self._pull()
+        self._record_passrates(label or "refresh", seconds=time.perf_counter() - started)
+
+    def _record_passrates(self, label: str, seconds: float = 0.0) -> None:
+        from nemo_paced.weighting import pass_rate_histogram
+
+        successes, trials, known = self.table.counts(self.pool_ids)
+        rates = successes[known] / trials[known]
+        at_zero, at_one = extreme_fraction(successes[known], trials[known])
+        weights = self.table.weights(self.pool_ids, self.config.weighting)
+        k = int(round(float(np.median(trials[known])))) if known.any() else 8
+        self.history["passrates"].append({
+            "step": self.step, "label": label, "seconds": seconds, "estimated": int(known.sum()),
+            "at_zero": at_zero, "at_one": at_one, "mean": float(rates.mean()) if rates.size else None,
+            "histogram": pass_rate_histogram(rates, k).tolist(), "k": k,
+            "kept": int((weights > 0).sum()), "ess": effective_sample_size(weights),
+            "by_level": _by_level(self.pool, rates, known)})
+
+    def _evaluate(self) -> None:
+        """Mean accuracy over `eval_samples` samples per problem, per benchmark, in percent."""
+        self._push()
+        accuracy = {}
+        for name, ids in sorted(self.benchmarks.items()):
+            correct = trials = 0
+            for start in range(0, len(ids), 256):
+                batch = self.client.sample(ids[start:start + 256], n=self.config.eval_samples,
+                                           seed=self.config.seed * 7919 + self.step + start, fold=False)
+                correct += sum(r.successes for r in batch.problems)
+                trials += sum(r.trials for r in batch.problems)
+            accuracy[name] = 100.0 * correct / max(trials, 1)
+        self.history["evals"].append({"step": self.step, "accuracy": accuracy})
+
+    # --- checkpoints and signals ----------------------------------------------------------------
+
+    def _save_checkpoint(self) -> None:
+        state = {"step": self.step, "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "lr_schedule": self.lr_schedule.state_dict(), "sampler_stage": self.sampler_stage,
+                 "sampler": None if self.sampler is None else self.sampler.state_dict(),
+                 "table": {"version": self.table.version, "records": self.table.to_rows()},
+                 "seen_version": self.seen_version, "history": self.history, "draws": dict(self.draws)}
+        with atomic_open(self.out / CHECKPOINT, "wb") as f:
+            torch.save(state, f)
+
+    def _resume(self) -> None:
+        from nemo_paced.passrates import PassRateTable
+
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step, self.seen_version = state["step"], state["seen_version"]
+        self.history, self.draws = state["history"], collections.Counter(state["draws"])
+        self.table = PassRateTable()
+        self.table.merge([PassRateTable.record_from_row(r) for r in state["table"]["records"]],
+                         state["table"]["version"])
+        if state["sampler_stage"] is not None:
+            self._make_sampler(state["sampler_stage"])
+            self.sampler.load_state_dict(state["sampler"])
+        log.info("resumed %s at step %d", path, self.step)
+
+    def _make_sampler(self, stage: StageName) -> None:
+        """Stage 1 draws among problems with a teacher reference (collated into reference batches);
+        stage 2 draws from the whole pool and asks the service for the samples."""
+        from nemo_paced.sampler import PacedSampler, SamplerConfig
+
+        c = self.config
+        first = 0 if stage == "fkl" else c.schedule.switch_step
+        ids = self.references.problem_ids if stage == "fkl" else self.pool_ids
+        self.sampler = PacedSampler(ids, SamplerConfig(global_batch_size=c.batch_size, micro_batch_size=c.batch_size,
+                                                       weighting=c.weighting, seed=c.seed, first_step=first),
+                                    lambda: self.table, collate=self.references if stage == "fkl" else None)
+        self.sampler_stage = stage
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        def handler(signum, frame):
+            self._signal = signum
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+    # --- result ---------------------------------------------------------------------------------
+
+    def _finish(self, status: str) -> dict[str, Any]:
+        drawn = np.array(list(self.draws.values()), dtype=np.float64)
+        steps = self.history["steps"]
+        result = {"status": status, "step": self.step, "config": _jsonable(asdict(self.config)),
+                  "history": self.history,
+                  "draws": {"distinct": int(drawn.size), "total": int(drawn.sum()),
+                            "per_drawn_problem": float(drawn.mean()) if drawn.size else 0.0,
+                            "max": int(drawn.max()) if drawn.size else 0, "pool": len(self.pool_ids)},
+                  "tokens": int(sum(s["tokens"] for s in steps)),
+                  "sequences": int(sum(s["kept"] for s in steps))}
+        atomic_write_json(self.out / RESULT, result)
+        return result
+
+
+def _by_level(pool, rates: np.ndarray, known: np.ndarray) -> dict[str, float]:
+    levels = np.array([p.meta.get("level", 0) for p in pool])[known]
+    return {str(level): float(rates[levels == level].mean()) for level in sorted(set(levels.tolist()))}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value.value if hasattr(value, "value") else value
