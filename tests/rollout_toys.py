@@ -1,12 +1,25 @@
 """Shared pieces of the rollout tests: a tiny random GPT-2 over the demo's character tokenizer, toy
-problems, and a verifier whose pass rate under a model can be computed exactly.
+problems, a verifier whose pass rate under a model can be computed exactly, and the service as a
+subprocess.
 
 `first_char_in` accepts a completion whose first character is one of the answer's characters, so a
 problem's pass rate at temperature 1 is the model's next-token probability mass on those characters
 right after the prompt: one forward pass gives the exact expected value of the estimate.
 """
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import torch
+
+from nemo_paced.rollout.client import RolloutClient
+
+TESTS = Path(__file__).parent
 
 ALPHABET = "0123456789+-.="
 
@@ -59,3 +72,34 @@ def exact_pass_rate(model, tokenizer, prompt: str, answer: str) -> float:
         probs = torch.softmax(model(ids).logits[0, -1].double(), -1)
     accepted = [t for t in range(len(probs)) if first_char_in(tokenizer.decode([t], skip_special_tokens=True), answer)]
     return float(probs[accepted].sum())
+
+
+class Server:
+    """`nemo-paced serve-rollouts` as a subprocess; the address file says when and where it listens."""
+
+    def __init__(self, model: Path, problems: Path, state: Path, *extra: str, startup: float = 180) -> None:
+        self.address = state.parent / f"{state.name}-address.json"
+        self.address.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "nemo_paced", "serve-rollouts", "--model", str(model), "--problems",
+                   str(problems), "--state-dir", str(state), "--port", "0", "--address-file", str(self.address),
+                   "--log-level", "warning", *extra]
+        self.log = open(state.parent / f"{state.name}.log", "a")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env={
+            **os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])})
+        deadline = time.monotonic() + startup
+        while not self.address.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                self.log.close()
+                raise RuntimeError(f"service did not start; log: {Path(self.log.name).read_text()[-3000:]}")
+            time.sleep(0.1)
+        self.url = json.loads(self.address.read_text())["url"]
+
+    def client(self, **options) -> RolloutClient:
+        return RolloutClient.connect(self.address, **{"retries": 2, "backoff": 0.05, **options})
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.process.send_signal(sig)
+        code = self.process.wait(60)
+        self.log.close()
+        return code

@@ -12,19 +12,18 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from rollout_toys import TOY_PROBLEMS, exact_pass_rate, first_char_in, save_tiny_model, teacher_forced_logprobs
+from rollout_toys import (TOY_PROBLEMS, Server, exact_pass_rate, first_char_in, save_tiny_model,
+                          teacher_forced_logprobs)
 
 from nemo_paced.passrates import PassRateTable
 from nemo_paced.rollout.client import RequestRejected, RolloutClient, ServiceUnavailable
 
 K = 48
-TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -39,42 +38,16 @@ def workspace(tmp_path_factory):
     return root, models, AutoTokenizer.from_pretrained(root / "model-a")
 
 
-class Server:
-    """`nemo-paced serve-rollouts` as a subprocess; the address file says when and where it listens."""
-
-    def __init__(self, root: Path, state: Path, *extra: str, env: dict | None = None) -> None:
-        self.address = state.parent / f"{state.name}-address.json"
-        self.address.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "nemo_paced", "serve-rollouts", "--model", str(root / "model-a"),
-                   "--problems", str(root / "problems.jsonl"), "--state-dir", str(state),
-                   "--verifier", "rollout_toys:first_char_in", "--template", "raw", "--k", str(K),
-                   "--max-tokens", "4", "--seed", "0", "--port", "0", "--address-file", str(self.address),
-                   "--batch-size", "256", "--log-level", "warning", *extra]
-        self.log = open(state.parent / f"{state.name}.log", "a")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env={
-            **os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-            **(env or {})})
-        deadline = time.monotonic() + 180
-        while not self.address.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"service did not start; log: {Path(self.log.name).read_text()[-3000:]}")
-            time.sleep(0.1)
-        self.url = json.loads(self.address.read_text())["url"]
-
-    def client(self, **options) -> RolloutClient:
-        return RolloutClient.connect(self.address, **{"retries": 2, "backoff": 0.05, **options})
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        self.process.send_signal(sig)
-        code = self.process.wait(60)
-        self.log.close()
-        return code
+def serve(root: Path, state: Path, *extra: str) -> Server:
+    return Server(root / "model-a", root / "problems.jsonl", state, "--verifier", "rollout_toys:first_char_in",
+                  "--template", "raw", "--k", str(K), "--max-tokens", "4", "--seed", "0", "--batch-size", "256",
+                  *extra)
 
 
 @pytest.fixture(scope="module")
 def server(workspace):
     root, _, _ = workspace
-    srv = Server(root, root / "main", "--max-request-bytes", "65536")
+    srv = serve(root, root / "main", "--max-request-bytes", "65536")
     yield srv
     srv.stop()
 
@@ -246,7 +219,7 @@ def test_auth_required_off_loopback_and_checked_on_every_request(workspace, tmp_
     assert refused.returncode != 0 and "bearer token is required" in refused.stderr
     token_file = tmp_path / "token"
     token_file.write_text("s3cret-token\n")
-    srv = Server(root, tmp_path / "auth", "--token-file", str(token_file))
+    srv = serve(root, tmp_path / "auth", "--token-file", str(token_file))
     try:
         address = json.loads(srv.address.read_text())
         assert address["token_file"] == str(token_file) and "s3cret" not in srv.address.read_text()
@@ -266,7 +239,7 @@ def test_auth_required_off_loopback_and_checked_on_every_request(workspace, tmp_
 def test_restart_resumes_table_weights_and_unfinished_jobs(workspace, tmp_path):
     root, models, tokenizer = workspace
     state = tmp_path / "state"
-    srv = Server(root, state, "--batch-problems", "1")
+    srv = serve(root, state, "--batch-problems", "1")
     client = srv.client()
     client.load_weights(root / "model-b", step=5)
     client.wait(client.estimate(), poll=0.05, timeout=300)
@@ -281,7 +254,7 @@ def test_restart_resumes_table_weights_and_unfinished_jobs(workspace, tmp_path):
     kept = client.refresh_table()  # the service is down: the last good table stays, and says how old it is
     assert kept.records() == first.records() and client.staleness() > 0
 
-    srv = Server(root, state, "--batch-problems", "1")  # on a new port: the address file says which
+    srv = serve(root, state, "--batch-problems", "1")  # on a new port: the address file says which
     try:
         health = client.health()  # the same client: it re-reads the address file and follows the service
         assert client.url == srv.url

@@ -23,6 +23,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine: tensor parallelism")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm engine (default 0.9)")
     parser.add_argument("--max-model-len", type=int, help="vllm engine: context length (default: the model's)")
+    parser.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="vllm engine: any other vllm.LLM argument, VALUE read as JSON when it parses "
+                             "(e.g. enforce_eager=true, max_num_seqs=256); repeatable")
     parser.add_argument("--verifier", default="math_boxed",
                         help="math_boxed (default), exact, integer, or an import path package.module:function "
                              "taking (completion, answer) and returning true/false")
@@ -49,8 +52,21 @@ def build_engine(args: argparse.Namespace):
         options = {"tokenizer": args.tokenizer, "dtype": args.dtype or "auto", "seed": args.seed or 0,
                    "tensor_parallel_size": args.tensor_parallel_size,
                    "gpu_memory_utilization": args.gpu_memory_utilization,
-                   **({"max_model_len": args.max_model_len} if args.max_model_len else {})}
+                   **({"max_model_len": args.max_model_len} if args.max_model_len else {}),
+                   **dict(_vllm_option(o) for o in args.vllm_option)}
     return create_engine(args.engine, args.model, **options)
+
+
+def _vllm_option(spec: str) -> tuple[str, object]:
+    import json
+
+    key, sep, value = spec.partition("=")
+    if not sep or not key.isidentifier():
+        raise SystemExit(f"nemo-paced: --vllm-option {spec!r}: expected KEY=VALUE with KEY an argument name")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def field_map(spec: str | None):

