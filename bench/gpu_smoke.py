@@ -28,7 +28,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps of each, interleaved, after one warm-up")
     return parser.parse_args()
 
 
@@ -117,40 +117,42 @@ def main() -> None:
         return DistributedDataParallel(kd.config, DistributedDataParallelConfig(), kd)
 
     data = batches(args, device, args.micro_batches)
-    results = {}
-    for name, paced in (("modelopt", False), ("paced", True)):
-        model = build(paced)
-        step = PacedForwardStep(num_microbatches=args.micro_batches) if paced else modelopt_step
-        times = []
+    configs = {"modelopt": (build(False), modelopt_step),
+               "paced": (build(True), PacedForwardStep(num_microbatches=args.micro_batches))}
+
+    def run_step(name: str) -> tuple[float, list[dict]]:
+        model, step = configs[name]
+        model.zero_grad_buffer()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        reports = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(data), model=[model], num_microbatches=len(data),
+            seq_length=args.seq, micro_batch_size=args.micro_batch, decoder_seq_length=args.seq, forward_only=False)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, reports
+
+    peak, kl, times = {}, {}, {name: [] for name in configs}
+    for name in configs:  # warm-up, and the peak memory of one step of each alone
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        for i in range(args.steps + 2):
-            model.zero_grad_buffer()
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            reports = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iter(data), model=[model], num_microbatches=len(data),
-                seq_length=args.seq, micro_batch_size=args.micro_batch, decoder_seq_length=args.seq,
-                forward_only=False)
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-        kl = sum(r["paced kl" if paced else "kl"] for r in reports)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        results[name] = (sum(times) / len(times), peak, (kl[0] / kl[1]).item())
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
+        _, reports = run_step(name)
+        peak[name] = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        total = sum(r["paced kl" if name == "paced" else "kl"] for r in reports)
+        kl[name] = (total[0] / total[1]).item()
+    for _ in range(args.steps):  # interleaved, so drifting clocks or load hit both alike
+        for name in configs:
+            times[name].append(run_step(name)[0])
+    results = {name: (sorted(times[name])[len(times[name]) // 2], peak[name], kl[name]) for name in configs}
 
     tokens = args.micro_batch * args.micro_batches * args.seq
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu (script check only)'}; "
           f"student hidden {args.hidden}, teacher {2 * args.hidden}, {args.layers} layers, vocab {args.vocab}, "
           f"{tokens} tokens per step")
-    print(f"{'':10}{'step s':>10}{'peak GiB':>10}{'KL':>10}")
-    for name, (seconds, peak, kl) in results.items():
-        print(f"{name:10}{seconds:10.4f}{peak:10.2f}{kl:10.4f}")
+    print(f"{'':10}{'median step s':>14}{'peak GiB':>10}{'KL':>10}")
+    for name, (seconds, gib, value) in results.items():
+        print(f"{name:10}{seconds:14.4f}{gib:10.2f}{value:10.4f}")
     (t0, m0, _), (t1, m1, _) = results["modelopt"], results["paced"]
     print(f"paced / modelopt: step time x{t1 / t0:.3f}, peak memory x{m1 / m0:.3f}")
     dist.destroy_process_group()
