@@ -45,7 +45,7 @@ from megatron.core.utils import unwrap_model
 from nemo_paced.batches import BatchBuilder
 from nemo_paced.megatron.criterion import Stage, paced_criterion, parse_stage
 from nemo_paced.megatron.step import PacedForwardStep
-from nemo_paced.megatron.teacher import check_tokenizers, check_vocab
+from nemo_paced.megatron.teacher import check_frozen, check_tokenizers, check_vocab
 from nemo_paced.passrates import UnknownPolicy
 from nemo_paced.problems import load_problems
 from nemo_paced.references import ReferenceBatches, load_references
@@ -160,7 +160,11 @@ class WithPassRates:
 
 class PacedRefresh(Callback):
     """Every `dataset.refresh_every` steps: export the student (Hugging Face format) to
-    `export_dir/step-NNNNNNN`, have the rollout service load it, and queue a new estimate."""
+    `export_dir/step-NNNNNNN`, have the rollout service load it, and queue a new estimate.
+    At the start it checks that the teacher is frozen."""
+
+    def on_train_start(self, context: CallbackContext) -> None:
+        check_frozen(unwrap_model(context.model[0]))
 
     def on_train_step_end(self, context: CallbackContext) -> None:
         dataset = context.state.cfg.dataset
