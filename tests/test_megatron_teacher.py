@@ -47,3 +47,18 @@ def test_layout_must_match():
         check_layout(_config(tensor_model_parallel_size=2), _config())
     with pytest.raises(TeacherMismatchError, match="pipeline_dtype"):
         check_layout(_config(), _config(pipeline_dtype=torch.bfloat16))
+
+
+def test_check_frozen_names_a_trainable_teacher_parameter():
+    from types import SimpleNamespace
+
+    from nemo_paced.megatron.teacher import check_frozen, freeze
+
+    teacher = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="teacher parameter weight is trainable"):
+        check_frozen(SimpleNamespace(teacher_model=teacher))
+    check_frozen(SimpleNamespace(teacher_model=freeze(teacher)))
+    assert not teacher.training
+    teacher.bias.grad = torch.zeros(2)
+    with pytest.raises(RuntimeError, match="teacher parameter bias"):
+        check_frozen(SimpleNamespace(teacher_model=teacher))

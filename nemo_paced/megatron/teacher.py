@@ -67,7 +67,7 @@ def check_frozen(distill_model) -> None:
     """Raise if any teacher parameter could be or was trained."""
     for name, param in distill_model.teacher_model.named_parameters():
         if param.requires_grad or param.grad is not None or getattr(param, "main_grad", None) is not None:
-            raise AssertionError(f"teacher parameter {name} is trainable or holds a gradient")
+            raise RuntimeError(f"teacher parameter {name} is trainable or holds a gradient")
 
 
 def distillation_model(student: torch.nn.Module, teacher: torch.nn.Module, stage: Stage | str,
