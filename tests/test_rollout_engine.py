@@ -93,3 +93,29 @@ def test_engine_choice_errors():
 def test_vllm_engine_names_the_missing_package(models):
     with pytest.raises(ImportError, match="needs the `vllm` package"):
         create_engine("vllm", models["a"][0])
+
+
+def test_chat_prompts_get_no_second_bos(models, tmp_path):
+    """A tokenizer that adds BOS, and a chat template that writes BOS itself: BOS must appear once."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from nemo_paced.problems import Problem
+
+    shutil.copytree(models["a"][0], tmp_path / "m", dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<eos> $A", special_tokens=[("<eos>", EOS)])
+    tokenizer.chat_template = "<eos>{% for m in messages %}{{ m['content'] }}{% endfor %}="
+    tokenizer.save_pretrained(tmp_path / "m")
+    engine = create_engine("hf", str(tmp_path / "m"))
+    problem = Problem("q", "12+3", "5")
+    params = SamplingParams(n=1, max_tokens=2, seed=0)
+    raw = rollout(engine, [problem], first_char_in, params, template="raw")[0]
+    chat = rollout(engine, [problem], first_char_in, params, template="chat")[0]
+    digits = engine.tokenizer("12+3", add_special_tokens=False)["input_ids"]
+    assert raw.prompt_token_ids == [EOS] + digits  # the tokenizer's BOS
+    assert chat.prompt.startswith("<eos>12+3")
+    assert chat.prompt_token_ids[:2] == [EOS, digits[0]]  # the template's BOS, once

@@ -59,7 +59,7 @@ def rollout(engine: Engine, problems: Sequence[Problem], verifier: Verifier, par
             template: str = "plain") -> list[ProblemRollouts]:
     """params.n graded samples for each problem, in order; the caller owns the engine for the call."""
     prompts = [render_prompt(p, template, engine.tokenizer) for p in problems]
-    generations = engine.generate(prompts, params)
+    generations = engine.generate(prompts, params, add_special_tokens=template != "chat")
     return [ProblemRollouts(problem.id, prompt, generation.prompt_token_ids,
                             [ScoredSample(s.text, s.token_ids, s.logprobs, s.finish_reason,
                                           score(verifier, s.text, problem.answer)) for s in generation.samples],
