@@ -118,6 +118,12 @@ up() {
     [ "$state" = idle ] && break
     sleep 0.2
   done
+  # Another cluster on the same ports would answer sinfo too: insist that ours are the daemons running.
+  if ! alive "$RUN/slurmctld.pid" || ! alive "$RUN/slurmd.pid"; then
+    log "slurmctld or slurmd did not stay up (ports $SLURM_CTLD_PORT/$SLURMD_PORT taken by another cluster?)"
+    tail -n 5 "$LOG/slurmctld.log" "$LOG/slurmd.log" >&2 || true
+    exit 1
+  fi
   if [ "$state" != idle ]; then
     log "node $NODE is not idle (state '$state')"
     tail -n 20 "$LOG/slurmctld.log" "$LOG/slurmd.log" >&2 || true

@@ -19,24 +19,17 @@ STAGES = ["references", "rollouts", "estimate0", "stage1", "estimate1", "stage2"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> list[str]:
-    """paced_two_stage.sh flags for the tiny CPU recipe's teacher, student and problems."""
-    from dataclasses import asdict
-
-    from nemo_paced.tasks import ChainTask
-    from nemo_paced.tiny_models import TinyModelConfig, build_model
-
-    root = tmp_path_factory.mktemp("tiny")
-    task = ChainTask(max_level=2)
-    model, tokenizer = build_model(task, TinyModelConfig())
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    with open(root / "problems.jsonl", "w") as f:
-        for p in task.generate(1, 4, seed=0) + task.generate(2, 4, seed=1):
-            f.write(json.dumps(asdict(p)) + "\n")
-    engine = "--template raw --verifier nemo_paced.tasks.chain:verify --max-tokens 6"
-    return ["--problems", str(root / "problems.jsonl"), "--teacher", str(root / "model"),
-            "--student", str(root / "model"), "--benchmarks", str(root / "problems.jsonl"),
-            "--engine", "hf", "--service-args", engine, "--reference-args", engine, "--eval-args", f"{engine} --n 2"]
+    """Launcher flags for the tiny CPU recipe's teacher, student and problems, from the demo's
+    `--prepare-only` (its models are cached in the demo's default cache, shared with the demo test)."""
+    out = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, "-m", "nemo_paced", "demo", "--quick", "--prepare-only", "--out", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=1800)
+    prepared = json.loads((out / "prepared.json").read_text())
+    engine = f"--template raw --verifier exact --max-tokens {prepared['max_tokens']}"
+    return ["--problems", prepared["problems"], "--teacher", prepared["teacher"], "--student", prepared["student"],
+            "--benchmarks", prepared["problems"], "--engine", "hf", "--service-args", engine,
+            "--reference-args", f"{engine} --temperature 0", "--eval-args", f"{engine} --n 2",
+            "--train-args", "schedule.total_steps=8 checkpoint_every=2 progress=false"]
 
 
 def submit_chain(cluster: SlurmCluster, run: Path, *args: str) -> dict[str, str]:
