@@ -50,6 +50,8 @@ def test_splits_are_disjoint_reproducible_and_sized():
     assert not test_prompts & pool_prompts and not test_prompts & retained_prompts
     assert not pool_prompts & retained_prompts
     assert sorted(p.meta["level"] for p in a.retained) == [1] * 20 + [2] * 20
+    small = make_splits(task, pool_per_level=100, test_per_level=50, retained_size=40, seed=7)
+    assert sum(p.meta["level"] == 1 for p in small.pool) == 100 - 50 - 20  # what level 1 has left
     other = make_splits(task, pool_per_level=30, test_per_level=20, retained_size=40, seed=8)
     assert {p.prompt for p in other.pool} != pool_prompts
 

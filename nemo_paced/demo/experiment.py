@@ -43,9 +43,9 @@ class DemoConfig:
     student_pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
         steps=250, level_weights={1: 0.4, 2: 0.3, 3: 0.2, 4: 0.1}, seed=2))
     pool_per_level: int = 400
-    test_per_level: int = 60
+    test_per_level: int = 40
     retained_size: int = 100
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 64
     lr: float = 1e-3
     fkl_fraction: float = 0.5

@@ -15,8 +15,9 @@ from nemo_paced.problems import Problem
 @contextlib.contextmanager
 def loopback_service(model: str, problems: Sequence[Problem], state_dir: str | Path, *, k: int = 8,
                      max_tokens: int = 64, batch_problems: int = 128, engine_batch: int = 1024,
-                     verifier: str = "exact") -> Iterator[str]:
-    """Serve `problems` with the hf engine on 127.0.0.1 (a free port); yields the service URL."""
+                     verifier: str = "exact", seed: int | None = 0) -> Iterator[str]:
+    """Serve `problems` with the hf engine on 127.0.0.1 (a free port); yields the service URL.
+    `seed` makes estimation reproducible for given weights (None: fresh randomness)."""
     import uvicorn
 
     from nemo_paced.rollout.engines.hf import HFEngine
@@ -24,7 +25,7 @@ def loopback_service(model: str, problems: Sequence[Problem], state_dir: str | P
     from nemo_paced.rollout.verifiers import resolve
 
     config = ServiceConfig(k=k, max_tokens=max_tokens, template="raw", batch_problems=batch_problems,
-                           max_batch=4096)
+                           max_batch=4096, seed=seed)
     service = RolloutService(HFEngine(model, device="cpu", batch_size=engine_batch), problems, resolve(verifier),
                              state_dir, config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

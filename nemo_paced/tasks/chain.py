@@ -62,11 +62,15 @@ class ChainTask:
     def sample(self, level: int, rng: random.Random) -> Problem:
         return self.make([rng.randrange(10) for _ in range(level + 1)])
 
-    def generate(self, level: int, count: int, seed: int, exclude: set[str] = frozenset()) -> list[Problem]:
-        """`count` distinct problems of one level, none of whose prompts is in `exclude`."""
+    def available(self, level: int, exclude: set[str] = frozenset()) -> int:
+        """Distinct problems of `level` whose prompts are not in `exclude`."""
         if level not in self.levels:
             raise ValueError(f"level must lie in 1..{self.max_level}, got {level}")
-        available = 10 ** (level + 1) - sum(1 for prompt in exclude if self.level_of(prompt) == level)
+        return 10 ** (level + 1) - sum(1 for prompt in exclude if self.level_of(prompt) == level)
+
+    def generate(self, level: int, count: int, seed: int, exclude: set[str] = frozenset()) -> list[Problem]:
+        """`count` distinct problems of one level, none of whose prompts is in `exclude`."""
+        available = self.available(level, exclude)
         if count > available:
             raise ValueError(f"level {level} has {available} distinct problems left; asked for {count}")
         rng = random.Random(f"chain-{seed}-{level}")
@@ -96,7 +100,8 @@ class TaskSplits:
 
 def make_splits(task: ChainTask, pool_per_level: int, test_per_level: int, retained_size: int,
                 seed: int = 0) -> TaskSplits:
-    """Disjoint splits; the retained set is levels 1 and 2 (half each), the skills the student has."""
+    """Disjoint splits; the retained set is levels 1 and 2 (half each), the skills the student has.
+    Level 1 has only 100 distinct problems: its pool share is what the test and retained sets leave."""
     used: set[str] = set()
     test: dict[int, list[Problem]] = {}
     for level in task.levels:
@@ -108,5 +113,6 @@ def make_splits(task: ChainTask, pool_per_level: int, test_per_level: int, retai
         share = retained_size // len(easy) + (i < retained_size % len(easy))
         retained += task.generate(level, share, seed=seed * 1000 + 2, exclude=used)
     used.update(p.prompt for p in retained)
-    pool = [p for level in task.levels for p in task.generate(level, pool_per_level, seed=seed * 1000 + 3, exclude=used)]
+    pool = [p for level in task.levels
+            for p in task.generate(level, min(pool_per_level, task.available(level, used)), seed * 1000 + 3, used)]
     return TaskSplits(pool, test, retained)

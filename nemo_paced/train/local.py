@@ -15,6 +15,7 @@ Checkpoints (`out_dir/checkpoint.pt`, written atomically every `checkpoint_every
 SIGTERM / SIGUSR1) hold the student, optimizer, schedule position, sampler state, pass-rate table
 and history; `train` resumes from one when it exists. A signal ends the run at the next step
 boundary with status "preempted" (SLURM sends SIGTERM, or SIGUSR1 with `--signal`, before the end).
+A stage whose problems all have weight 0 ends early; the skipped steps are recorded in the history.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class _Run:
         self.table = PassRateTable.load(c.passrates)
         self.seen_version = self.client.health()["table_version"]
         self.step = 0
-        self.history: dict[str, list] = {"steps": [], "evals": [], "passrates": [], "pushes": 0}
+        self.history: dict[str, Any] = {"steps": [], "evals": [], "passrates": [], "stopped": [], "pushes": 0}
         self.draws: collections.Counter[str] = collections.Counter()
         self.sampler = None
         self.sampler_stage: StageName | None = None
@@ -136,6 +137,8 @@ class _Run:
 
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
+
+        from nemo_paced.sampler import AllWeightsZero
 
         c = self.config
         schedule = c.schedule
@@ -154,7 +157,17 @@ class _Run:
                     return self._finish("preempted")
                 if schedule.reestimate_before(self.step):
                     self._reestimate()
-                metrics = self._train_step(schedule.stage(self.step))
+                stage = schedule.stage(self.step)
+                try:
+                    metrics = self._train_step(stage)
+                except AllWeightsZero as e:  # nothing left to train on in this stage: skip to its end
+                    end = schedule.switch_step if stage == "fkl" else schedule.total_steps
+                    log.warning("step %d: %s; skipping to step %d", self.step, e, end)
+                    self.history["stopped"].append({"step": self.step, "stage": stage, "skipped": end - self.step,
+                                                    "reason": str(e)})
+                    bar.update(end - self.step)
+                    self.step = end
+                    continue
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(stage=metrics["stage"], loss=f"{metrics['loss']:.4f}", kept=metrics["kept"])
