@@ -37,7 +37,9 @@ def check(kind, opts, s, t, w, *, temperature=1.0, chunk_size=None, rtol=1e-5, g
     assert v.dtype == torch.float32 and g.dtype == s.dtype
     assert torch.isfinite(v).all() and torch.isfinite(g).all()
     torch.testing.assert_close(v.double(), rv, rtol=rtol, atol=1e-7)
-    torch.testing.assert_close(g.double(), rg, rtol=rtol, atol=grad_atol)
+    # gradients are compared at fp32 resolution of the largest one (log-prob differences of logits
+    # near 20 carry ~2e-6 absolute rounding in any fp32 implementation)
+    torch.testing.assert_close(g.double(), rg, rtol=rtol, atol=grad_atol * max(1.0, rg.abs().max().item()))
 
 
 @pytest.mark.parametrize("kind,opts", KINDS)
@@ -159,3 +161,11 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="mu"):
         vocab_parallel_akl(s, t, mu=0.0)
     assert math.isfinite(float(vocab_parallel_kl(s, t).sum()))
+
+
+@pytest.mark.parametrize("kind,opts", [KINDS[0], KINDS[1], KINDS[2], KINDS[6]])
+def test_relative_error_at_a_real_vocabulary_size(kind, opts):
+    """1e-5 relative error at V = 32768 (a dot product in BLAS order drifted to 6e-5 here)."""
+    s, t, _ = make_logits(10, (6, 32768))
+    rel = (ours(kind, s, t, **opts).double() - reference(kind, s, t, **opts)).abs() / reference(kind, s, t, **opts)
+    assert rel.max() <= 1e-5

@@ -45,7 +45,8 @@ class Comm:
 
 # −inf logits (a padded vocabulary) are clamped to this: probability exactly 0, and every
 # difference of log-probabilities stays finite, so no 0·∞ = NaN appears in values or gradients.
-# A divergence that is truly infinite (mass where the other model has −inf) becomes ~1e30.
+# A divergence that is truly infinite (mass where the other model has −inf) becomes ~1e30; a row
+# that is −inf everywhere in both models becomes uniform in both: divergence 0, gradient 0.
 NEG_LOGIT = -1e30
 
 
@@ -104,10 +105,6 @@ def global_softmax_stats(s: Tensor, t: Tensor, es: Tensor, et: Tensor, comm: Com
     return Chunk(s=s, t=t, es=es, et=et, log_zs=log_z[0], log_zt=log_z[1])
 
 
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
 def _p_log_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     """p·(log p − log q) element-wise, exactly 0 where p = 0."""
     return torch.where(p > 0, p * (log_p - log_q), 0.0)
@@ -115,9 +112,10 @@ def _p_log_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
 
 def forward_kl(c: Chunk, comm: Comm, grad_out: Tensor | None, grad_scale: float) -> Tensor:
     """KL(teacher ‖ student) = Σ p_T (log p_T − log p_S); gradient p_S − p_T."""
-    log_ratio = c.t.sub_(c.s).sub_((c.log_zt - c.log_zs)[:, None])  # log p_T − log p_S
     inv_zt = torch.exp(-c.log_zt)
-    value = comm.sum(_row_dot(c.et, log_ratio) * inv_zt)
+    # e^t·(log p_T − log p_S), in the teacher's buffer; torch's sum is pairwise (a BLAS dot drifts)
+    terms = c.t.sub_(c.s).sub_((c.log_zt - c.log_zs)[:, None]).mul_(c.et)
+    value = comm.sum(terms.sum(-1) * inv_zt)
     if grad_out is not None:
         ps = c.es.mul_((torch.exp(-c.log_zs) * grad_scale)[:, None])
         torch.addcmul(ps, c.et, (inv_zt * -grad_scale)[:, None], out=grad_out)
@@ -126,12 +124,12 @@ def forward_kl(c: Chunk, comm: Comm, grad_out: Tensor | None, grad_scale: float)
 
 def reverse_kl(c: Chunk, comm: Comm, grad_out: Tensor | None, grad_scale: float) -> Tensor:
     """KL(student ‖ teacher) = Σ p_S (log p_S − log p_T); gradient p_S ⊙ (log p_S − log p_T − KL)."""
-    log_ratio = c.s.sub_(c.t).sub_((c.log_zs - c.log_zt)[:, None])  # log p_S − log p_T
     inv_zs = torch.exp(-c.log_zs)
-    value = comm.sum(_row_dot(c.es, log_ratio) * inv_zs)
+    log_ratio = c.s.sub_(c.t).sub_((c.log_zs - c.log_zt)[:, None])  # log p_S − log p_T
+    value = comm.sum(torch.mul(log_ratio, c.es, out=c.t).sum(-1) * inv_zs)  # teacher buffer is free
     if grad_out is not None:
         ps = c.es.mul_((inv_zs * grad_scale)[:, None])
-        torch.mul(ps, log_ratio.sub_(value[:, None]), out=grad_out)
+        torch.mul(ps, log_ratio.sub_(value[:, None]), out=grad_out)  # subtract before scaling: exact
     return value
 
 
@@ -151,7 +149,7 @@ def generalized_jsd(beta: float) -> Divergence:
         ls, ps, lt, pt = c.normalize()
         log_m = torch.logaddexp(ls + log_1mb, lt + log_b)
         student_terms = _p_log_ratio(ps, ls, log_m)
-        sums = comm.sum(torch.stack([_row_dot(pt, lt - log_m), student_terms.sum(-1)]))
+        sums = comm.sum(torch.stack([_p_log_ratio(pt, lt, log_m).sum(-1), student_terms.sum(-1)]))
         value = beta * sums[0] + (1.0 - beta) * sums[1]
         if grad_out is not None:
             grad_out.copy_(student_terms.sub_(ps * sums[1][:, None]).mul_((1.0 - beta) * grad_scale))
