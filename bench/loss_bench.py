@@ -42,6 +42,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from gloo_ranks import free_port  # noqa: E402
+from loss_reference import reference  # noqa: E402  (the float64 reference the tests use)
 from nemo_paced.loss import (  # noqa: E402
     fused_linear_kl, vocab_parallel_akl, vocab_parallel_jsd, vocab_parallel_kl)
 
@@ -151,37 +154,52 @@ def fused(direction: str) -> Loss:
 class Row:
     name: str
     loss: Loss
-    baseline: str  # the ModelOpt row this one is compared with
+    kind: str  # what it computes, for the float64 reference: forward | reverse | jsd (β=½) | akl (μ=½)
+
+    @property
+    def baseline(self) -> str:  # the ModelOpt row of the same direction
+        prefix = "head + " if self.name.startswith(("head", "nemo_paced fused")) else ""
+        return f"{prefix}modelopt {'rev' if self.kind == 'reverse' else 'fwd'}"
 
 
 def rows(tp: int) -> list[Row]:
-    out = [Row("modelopt LogitsKLLoss fwd", modelopt(False), "modelopt LogitsKLLoss fwd"),
-           Row("modelopt LogitsKLLoss rev", modelopt(True), "modelopt LogitsKLLoss rev"),
-           Row("nemo_paced kl fwd", ours(vocab_parallel_kl, direction="forward"), "modelopt LogitsKLLoss fwd"),
-           Row("nemo_paced kl rev", ours(vocab_parallel_kl, direction="reverse"), "modelopt LogitsKLLoss rev"),
-           Row("naive torch fwd", naive(False), "modelopt LogitsKLLoss fwd"),
-           Row("naive torch rev", naive(True), "modelopt LogitsKLLoss rev"),
-           Row("nemo_paced jsd b=0.5", ours(vocab_parallel_jsd, beta=0.5), "modelopt LogitsKLLoss fwd"),
-           Row("nemo_paced akl", ours(vocab_parallel_akl), "modelopt LogitsKLLoss fwd")]
+    out = [Row("modelopt fwd", modelopt(False), "forward"),
+           Row("modelopt rev", modelopt(True), "reverse"),
+           Row("nemo_paced kl fwd", ours(vocab_parallel_kl, direction="forward"), "forward"),
+           Row("nemo_paced kl rev", ours(vocab_parallel_kl, direction="reverse"), "reverse"),
+           Row("naive torch fwd", naive(False), "forward"),
+           Row("naive torch rev", naive(True), "reverse"),
+           Row("nemo_paced jsd b=0.5", ours(vocab_parallel_jsd, beta=0.5), "jsd"),
+           Row("nemo_paced akl", ours(vocab_parallel_akl), "akl")]
     if tp == 1:
         try:
             import trl as _trl  # noqa: F401
         except ImportError as e:
             print(f"# TRL rows skipped: {e}")
         else:
-            out += [Row("trl generalized_jsd b=0", trl(0.0), "modelopt LogitsKLLoss fwd"),
-                    Row("trl generalized_jsd b=1", trl(1.0), "modelopt LogitsKLLoss rev"),
-                    Row("trl generalized_jsd b=0.5", trl(0.5), "modelopt LogitsKLLoss fwd")]
+            out += [Row("trl generalized_jsd b=0", trl(0.0), "forward"),
+                    Row("trl generalized_jsd b=1", trl(1.0), "reverse"),
+                    Row("trl generalized_jsd b=0.5", trl(0.5), "jsd")]
     return out
 
 
 def head_rows() -> list[Row]:
-    fwd, rev = "head + modelopt fwd", "head + modelopt rev"
-    return [Row(fwd, with_head(modelopt(False)), fwd), Row(rev, with_head(modelopt(True)), rev),
-            Row("head + nemo_paced kl fwd", with_head(ours(vocab_parallel_kl, direction="forward")), fwd),
-            Row("head + nemo_paced kl rev", with_head(ours(vocab_parallel_kl, direction="reverse")), rev),
-            Row("nemo_paced fused head+kl fwd", fused("forward"), fwd),
-            Row("nemo_paced fused head+kl rev", fused("reverse"), rev)]
+    return [Row("head + modelopt fwd", with_head(modelopt(False)), "forward"),
+            Row("head + modelopt rev", with_head(modelopt(True)), "reverse"),
+            Row("head + nemo_paced kl fwd", with_head(ours(vocab_parallel_kl, direction="forward")), "forward"),
+            Row("head + nemo_paced kl rev", with_head(ours(vocab_parallel_kl, direction="reverse")), "reverse"),
+            Row("nemo_paced fused head+kl fwd", fused("forward"), "forward"),
+            Row("nemo_paced fused head+kl rev", fused("reverse"), "reverse")]
+
+
+def references(student: torch.Tensor, teacher: torch.Tensor, kinds: set[str], rows_per_chunk: int = 128) -> dict:
+    """Float64 per-token values of the full logits, chunked to bound memory."""
+    out = {}
+    for kind in kinds:
+        out[kind] = torch.cat([reference(kind, student[i:i + rows_per_chunk].double(),
+                                         teacher[i:i + rows_per_chunk].double())
+                               for i in range(0, student.shape[0], rows_per_chunk)])
+    return out
 
 
 # ---- measurement --------------------------------------------------------------------------------
@@ -210,21 +228,28 @@ def _timed(row: Row, tensors: tuple[torch.Tensor, ...], group) -> float:
     return time.perf_counter() - start
 
 
-def measure(rows_: list[Row], tensors: tuple[torch.Tensor, ...], group, repeats: int) -> list[dict]:
-    """Warm-up and peak memory row by row, then `repeats` rounds over all rows (load drifts hit all)."""
+def measure(rows_: list[Row], tensors: tuple[torch.Tensor, ...], group, repeats: int,
+            full_logits: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
+    """Warm-up and peak memory row by row, then `repeats` rounds over all rows (load drifts hit all).
+
+    The warm-up's per-token values are compared with a float64 reference on `full_logits()`.
+    """
     device = tensors[0].device
+    with torch.no_grad():
+        refs = references(*full_logits(), {row.kind for row in rows_})
     results = []
     for row in rows_:
         values = _run_once(row, tensors, group)  # warm-up
         if "modelopt" in row.name and group is not None:
             dist.all_reduce(values, group=group)  # ModelOpt returns per-shard partial KL
-        total = float(values.double().sum())
+        ref = refs[row.kind].to(values.device)
+        error = float(((values.double() - ref).abs() / ref.abs()).max())
         del values
         _sync(device, group)
         with PeakMemory(device) as mem:
             _run_once(row, tensors, group)
             _sync(device, group)
-        results.append(dict(name=row.name, baseline=row.baseline, peak=mem.peak, total=total, times=[]))
+        results.append(dict(name=row.name, baseline=row.baseline, peak=mem.peak, error=error, times=[]))
     for _ in range(repeats):
         for row, result in zip(rows_, results):
             result["times"].append(_timed(row, tensors, group))
@@ -252,24 +277,24 @@ def head_inputs(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device
 
 def table(results: list[dict], title: str) -> str:
     by_name = {r["name"]: r for r in results}
-    lines = [f"\n{title}", f"| {'loss (forward+backward)':28} | peak extra MiB | x ModelOpt | time s | x ModelOpt | Σ per-token value |",
-             f"|{'-' * 30}|---------------:|-----------:|-------:|-----------:|------------------:|"]
+    lines = [f"\n{title}", f"| {'loss (forward+backward)':28} | peak extra MiB | x ModelOpt | time s | x ModelOpt | max rel. error vs fp64 |",
+             f"|{'-' * 30}|---------------:|-----------:|-------:|-----------:|-----------------------:|"]
     for r in results:
         base = by_name[r["baseline"]]
         lines.append(f"| {r['name']:28} | {r['peak'] / 2**20:14.0f} | {r['peak'] / base['peak']:10.2f} | "
-                     f"{r['time']:6.3f} | {r['time'] / base['time']:10.2f} | {r['total']:17.6g} |")
+                     f"{r['time']:6.3f} | {r['time'] / base['time']:10.2f} | {r['error']:22.1e} |")
     return "\n".join(lines)
 
 
 def run_shape(tokens: int, vocab: int, dtype: torch.dtype, device, repeats: int, group=None,
               rank: int = 0, tp: int = 1) -> list[dict]:
     tensors = inputs(tokens, vocab, dtype, device, rank, tp)
-    return measure(rows(tp), tensors, group, repeats)
+    return measure(rows(tp), tensors, group, repeats, lambda: inputs(tokens, vocab, dtype, device))
 
 
 def run_head(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device, repeats: int) -> list[dict]:
-    tensors = head_inputs(tokens, vocab, hidden, dtype, device)
-    return measure(head_rows(), tensors, None, repeats)
+    h, w, t = tensors = head_inputs(tokens, vocab, hidden, dtype, device)
+    return measure(head_rows(), tensors, None, repeats, lambda: (h.double() @ w.double().t(), t))
 
 
 def _tp_worker(rank: int, world: int, port: int, tokens: int, vocab: int, dtype, repeats: int,
@@ -289,8 +314,6 @@ def _tp_worker(rank: int, world: int, port: int, tokens: int, vocab: int, dtype,
 
 def run_tp(tp: int, tokens: int, vocab: int, dtype, repeats: int, threads: int) -> list[dict]:
     import torch.multiprocessing as mp
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from gloo_ranks import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
