@@ -15,7 +15,7 @@ Methods (all with pass rates re-estimated every `refresh_every` steps where they
 
 from __future__ import annotations
 
-import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,8 +27,6 @@ from nemo_paced.schedule import TwoStageSchedule
 from nemo_paced.tasks import ChainTask, make_splits
 from nemo_paced.tiny_models import PretrainConfig, TinyModelConfig, cached_pretrained
 from nemo_paced.weighting import WeightConfig
-
-log = logging.getLogger(__name__)
 
 METHODS = ("paced", "paced_fkl", "uniform", "filter")
 
@@ -104,13 +102,13 @@ def prepare(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], Non
     tests += [_with_meta(p, split="test", benchmark="retained") for p in splits.retained]
     save_problems(out / "problems.jsonl", pool + tests)
     save_problems(out / "pool.jsonl", pool)
-    models = {}
     for name, model, training in (("teacher", config.teacher, config.teacher_pretrain),
                                   ("student", config.student, config.student_pretrain)):
         started = time.perf_counter()
-        models[name] = cached_pretrained(cache, name, config.task, model, training)
-        say(f"{name}: {models[name]} ({time.perf_counter() - started:.0f} s)")
-    prepared = Prepared(str(models["teacher"]), str(models["student"]), str(out / "problems.jsonl"),
+        cached = cached_pretrained(cache, name, config.task, model, training)
+        shutil.copytree(cached, out / name, dirs_exist_ok=True)  # stable paths for recipes and the SLURM chain
+        say(f"{name}: {out / name} (from {cached}, {time.perf_counter() - started:.0f} s)")
+    prepared = Prepared(str(out / "teacher"), str(out / "student"), str(out / "problems.jsonl"),
                         str(out / "pool.jsonl"), config.task.answer_length(config.task.max_level) + 1)
     atomic_write_json(out / "prepared.json", asdict(prepared))
     return prepared
@@ -132,6 +130,8 @@ def run_demo(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], No
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    for stale in ("runs", "service"):  # a new experiment: never resume another one's runs or table
+        shutil.rmtree(out / stale, ignore_errors=True)
     prepared = prepare(config, out, cache, say)
     timings["prepare"] = time.perf_counter() - started
     problems = load_problems(prepared.problems)
