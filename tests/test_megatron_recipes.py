@@ -86,3 +86,15 @@ def test_documented_layouts_pass_megatron_validation(layout, student, teacher):
             assert middle % (pp - 2) == 0
         else:
             assert config.num_layers % pp == 0
+
+
+def test_tiny_cpu_recipe_builds_with_overrides():
+    result = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--recipe", "tiny_cpu", "--stage", "rkl",
+                             "--print-config", "schedule.total_steps=10", "lr=0.01", "weighting.mode=sample"],
+                            capture_output=True, text=True, check=True)
+    out = result.stdout
+    assert out.startswith("LocalTrainConfig(") and "student='runs/tiny/fkl/final'" in out
+    assert "total_steps=10" in out and "lr=0.01" in out and "WeightMode.SAMPLE" in out
+    bad = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--recipe", "tiny_cpu", "--stage", "fkl",
+                          "schedule.total_step=10"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean schedule.total_steps" in bad.stderr
