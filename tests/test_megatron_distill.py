@@ -251,6 +251,8 @@ def reference_run(rank: int, world_size: int) -> dict:
         bridge_signature=run(WEIGHTS, forward_step=lambda it, m: bridge_step("state", it, m, False))[:2],
         custom_bins=run(WEIGHTS, forward_step=PacedForwardStep(GLOBAL_BATCH // MICRO, pass_rate_bins=(0, 0.1, 1)))[2],
     )
+    batches = collated_batches()
+    out["collated"] = (step_loss(h, batches), hand_loss(h, batches, reverse=False), batches[1]["sample_weight"])
     out["layout"] = train(h)
     out["reverse"] = reverse_kl_check()
     try:
@@ -260,21 +262,46 @@ def reference_run(rank: int, world_size: int) -> dict:
     return to_numpy(out)
 
 
+def hand_loss(h: Harness, batches: list[dict], reverse: bool) -> float:
+    """L = sum w l / sum w computed here from the two models' full logits."""
+    weighted, total = 0.0, 0.0
+    for batch in batches:
+        with torch.no_grad():
+            teacher = h.teacher(batch["tokens"], batch["position_ids"], None).float().log_softmax(-1)
+            with h.kd.only_student_forward():
+                student = h.kd(batch["tokens"], batch["position_ids"], None).float().log_softmax(-1)
+        p, q = (student, teacher) if reverse else (teacher, student)
+        per_token = (p.exp() * (p - q)).sum(-1)  # KL(p || q)
+        mask = batch["loss_mask"]
+        tokens = mask.sum(-1)
+        weight = batch["sample_weight"] * (tokens > 0)
+        weighted += (weight * (per_token * mask).sum(-1) / tokens.clamp(min=1)).sum().item()
+        total += weight.sum().item()
+    return weighted / total
+
+
+def step_loss(h: Harness, batches: list[dict]) -> float:
+    sums = _paced_sums(h.step(batches, len(batches[0]["tokens"])))
+    return (sums[0] / sums[1]).item()
+
+
+def collated_batches() -> list[dict]:
+    """Micro-batches laid out by nemo_paced.batches, as the sampler's collates build them: prompts and
+    responses of different lengths, padding, a cut response and a row with no room for a response."""
+    from nemo_paced.batches import collate, encode_row
+
+    g = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(1, VOCAB, (n,), generator=g).tolist()
+    shapes = [(3, 4), (2, 9), (5, 1), (SEQ + 1, 2)]  # (prompt, response) lengths; the last leaves no room
+    rows = [encode_row(ids(p), ids(r), SEQ, pad_id=0) for p, r in shapes]
+    return [collate(rows[:2], [0.25, 0.5], ["a", "b"]), collate(rows[2:], [0.125, 1.0], ["c", "d"])]
+
+
 def reverse_kl_check() -> tuple[float, float]:
-    """The rkl stage's loss, and the same loss computed here from the two models' full logits."""
+    """The rkl stage's loss, and the same loss by hand."""
     h = Harness(1, 1, "rkl")
-    batch = global_batch()
-    sums = _paced_sums(h.step(microbatches(batch, range(GLOBAL_BATCH), MICRO), MICRO))
-    with torch.no_grad():
-        teacher = h.teacher(batch["tokens"], batch["position_ids"], None).float().log_softmax(-1)
-        with h.kd.only_student_forward():
-            student = h.kd(batch["tokens"], batch["position_ids"], None).float().log_softmax(-1)
-    per_token = (student.exp() * (student - teacher)).sum(-1)  # KL(student || teacher)
-    mask = batch["loss_mask"]
-    tokens = mask.sum(-1)
-    weight = batch["sample_weight"] * (tokens > 0)
-    ell = (per_token * mask).sum(-1) / tokens.clamp(min=1)
-    return (sums[0] / sums[1]).item(), ((weight * ell).sum() / weight.sum()).item()
+    batches = microbatches(global_batch(), range(GLOBAL_BATCH), MICRO)
+    return step_loss(h, batches), hand_loss(h, batches, reverse=True)
 
 
 # --- the tests ----------------------------------------------------------------------------------
@@ -346,6 +373,12 @@ def test_report_holds_kl_weights_ess_and_pass_rate_bins(reference):
     assert logged(reports, "kl pass [0.75,1.00]") == pytest.approx((ell[1] + ell[7]) / 2, rel=1e-5)
     assert logged(reference["custom_bins"], "kl pass [0.00,0.10)") == 0  # empty bin: 0, not NaN
     assert logged(reference["custom_bins"], "kl pass [0.10,1.00]") == pytest.approx(sum(ell) / 7, rel=1e-5)
+
+
+def test_batches_laid_out_by_the_sampler_collates_train_as_expected(reference):
+    from_step, by_hand, weights = reference["collated"]
+    assert weights.tolist() == [0.125, 0.0]  # the row with no response token was given weight 0
+    assert from_step == pytest.approx(by_hand, rel=1e-5)
 
 
 def test_rkl_stage_computes_reverse_kl(reference):
