@@ -158,7 +158,8 @@ class PacedForwardStep:
             raise ValueError(f"expected exactly one distillation criterion (the Paced KL), got {sorted(losses)}")
         per_token, tp_reduce, _ = next(iter(losses.values()))
         if tp_reduce:
-            raise ValueError("the criterion returns partial per-shard KL; use nemo_paced.megatron.criterion.PacedLogitsKL")
+            raise ValueError("the criterion returns partial per-shard KL; "
+                             "use nemo_paced.megatron.criterion.PacedLogitsKL")
         weighted_sum, _ = paced_reduce(per_token, batch["loss_mask"], batch["sample_weight"])
         W = totals.weight_sum
         loss = torch.where(W > 0, weighted_sum / W.clamp(min=torch.finfo(torch.float32).tiny), weighted_sum * 0)
