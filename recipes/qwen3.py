@@ -57,7 +57,8 @@ def paced_distillation_config(student_hf: str, teacher_hf: str, stage: str, layo
                               problems: str = "data/problems.jsonl", references: str = "runs/paced/references.jsonl",
                               service: str = "runs/paced/rollouts/address.json"):
     """The shared builder: a Bridge ConfigContainer distilling `teacher_hf` into `student_hf` for `stage`."""
-    from nemo_paced.megatron.bridge import PacedDataset, paced_distillation_provider  # first: clear error without Bridge
+    # first, so a machine without Bridge gets nemo_paced's clear ImportError
+    from nemo_paced.megatron.bridge import PacedDataset, paced_distillation_provider
 
     import torch
     from megatron.bridge import AutoBridge

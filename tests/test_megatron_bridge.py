@@ -21,7 +21,8 @@ def test_provider_installs_the_paced_criterion_right_before_modelopt_conversion(
     names = [getattr(hook, "__name__", "") for hook in provider._pre_wrap_hooks]
     assert names[-2:] == ["install_criterion", "_convert_hook"]
     assert provider.calculate_per_token_loss and provider.kd_config.criterion is None  # set at conversion time
-    assert "install_criterion" not in [getattr(h, "__name__", "") for h in getattr(provider.teacher, "_pre_wrap_hooks", [])]
+    teacher_hooks = getattr(provider.teacher, "_pre_wrap_hooks", [])
+    assert "install_criterion" not in [getattr(hook, "__name__", "") for hook in teacher_hooks]
 
 
 def test_provider_rejects_a_teacher_with_another_vocabulary():

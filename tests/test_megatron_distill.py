@@ -4,8 +4,9 @@ Tiny GPT teacher and student (megatron-core local layer spec) are distilled with
 distillation model, the Paced KL criterion and `PacedForwardStep`, wrapped in megatron DDP with
 `finalize_model_grads`, exactly as a GPU run is. Every layout on 4 ranks (TP=2 x PP=2, PP=2 x DP=2,
 TP=2 x DP=2) starts from the same master weights and sees the same global batch as a TP=1, PP=1
-reference, and must reproduce its losses and its student gradients over several SGD steps. The reference run also checks the weighting
-against the hand formula  grad L = sum_x w_x grad l_x / sum_x w_x.
+reference, and must reproduce its losses and its student gradients over several SGD steps. The
+reference run also checks the weighting against the hand formula
+grad L = sum_x w_x grad l_x / sum_x w_x, and the losses against ones computed from full logits.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ class PacedLogitsKL(BaseLoss):
 
     def forward(self, predictions, targets):
         student, teacher = self.pre_forward(predictions, targets)  # teacher is detached here
-        tp_group = parallel_state.get_tensor_model_parallel_group() if self._config.tensor_model_parallel_size > 1 else None
+        sharded = self._config.tensor_model_parallel_size > 1
+        tp_group = parallel_state.get_tensor_model_parallel_group() if sharded else None
         per_token = vocab_parallel_kl(student, teacher, direction=self.stage.direction,
                                       temperature=self.temperature, tp_group=tp_group, chunk_size=self.chunk_size)
         return self.post_forward(per_token, tp_reduce=False, is_sequence_parallel=False)
