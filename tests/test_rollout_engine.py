@@ -83,7 +83,7 @@ def test_rollout_grades_every_sample_and_round_trips_as_json(models):
 
 
 def test_engine_choice_errors():
-    with pytest.raises(ValueError, match="engine must be 'hf' or 'vllm'"):
+    with pytest.raises(ValueError, match="engine must be 'hf', 'vllm' or 'openai'"):
         create_engine("tgi", "x")
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)

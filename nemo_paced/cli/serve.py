@@ -12,9 +12,12 @@ from nemo_paced.rollout import TOKEN_ENV
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Engine and sampling options shared with `nemo-paced eval`."""
-    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
-                        help="hf: transformers (CPU or GPU); vllm: in-process vLLM (production). Default hf")
-    parser.add_argument("--model", required=True, help="model directory (Hugging Face format, safetensors)")
+    parser.add_argument("--engine", choices=["hf", "vllm", "openai"], default="hf",
+                        help="hf: transformers (CPU or GPU); vllm: in-process vLLM (production); openai: a "
+                             "separate `vllm serve` at --openai-url (reloads need VLLM_SERVER_DEV_MODE=1 there). "
+                             "Default hf")
+    parser.add_argument("--model", required=True, help="model directory (Hugging Face format, safetensors); "
+                                                       "with --engine openai, the one the server was started from")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     parser.add_argument("--dtype", default=None, help="weights dtype (hf default float32, vllm default auto)")
     parser.add_argument("--device", help="hf engine device (default cuda if available, else cpu)")
@@ -23,6 +26,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine: tensor parallelism")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm engine (default 0.9)")
     parser.add_argument("--max-model-len", type=int, help="vllm engine: context length (default: the model's)")
+    parser.add_argument("--openai-url", help="openai engine: base URL of the completions server, http://host:port")
+    parser.add_argument("--openai-key-env", default="OPENAI_API_KEY",
+                        help="openai engine: variable holding the server's API key, if it wants one")
     parser.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
                         help="vllm engine: any other vllm.LLM argument, VALUE read as JSON when it parses "
                              "(e.g. enforce_eager=true, max_num_seqs=256); repeatable")
@@ -48,6 +54,11 @@ def build_engine(args: argparse.Namespace):
     if args.engine == "hf":
         options = {"tokenizer": args.tokenizer, "device": args.device, "dtype": args.dtype or "float32",
                    "batch_size": args.batch_size}
+    elif args.engine == "openai":
+        if not args.openai_url:
+            raise SystemExit("nemo-paced: --engine openai needs --openai-url")
+        options = {"tokenizer": args.tokenizer, "url": args.openai_url,
+                   "api_key": os.environ.get(args.openai_key_env)}
     else:
         options = {"tokenizer": args.tokenizer, "dtype": args.dtype or "auto", "seed": args.seed or 0,
                    "tensor_parallel_size": args.tensor_parallel_size,

@@ -139,3 +139,48 @@ def test_eval_on_vllm(models, tmp_path):
     result = json.loads(out.read_text())["benchmarks"]["toy"]
     assert result["problems"] == len(PROMPTS) and result["n"] == 4 and len(result["accuracy_per_sample"]) == 4
     assert result["mean"] == pytest.approx(100 * sum(result["successes"].values()) / (4 * len(PROMPTS)))
+
+
+def test_openai_engine_on_vllm_serve(models, tmp_path):
+    """The `openai` engine against a real `vllm serve` (dev mode, for in-place reloads)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", models["a"][0], "--dtype", "float32",
+         "--max-model-len", "128", "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"})
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        engine = create_engine("openai", models["a"][0], url=f"http://127.0.0.1:{port}")
+        generations = engine.generate(PROMPTS, SamplingParams(n=3, max_tokens=8, seed=0))
+        assert [len(g.samples) for g in generations] == [3] * len(PROMPTS)
+        assert generations[1].prompt_token_ids == engine.tokenizer(PROMPTS[1])["input_ids"]
+        for sample in (s for g in generations for s in g.samples):
+            assert sample.finish_reason == ("stop" if sample.token_ids[-1] == 1 else "length")
+        check_logprobs(generations, models["a"][1])
+        engine.load_weights(models["b"][0])
+        assert engine.checkpoint == models["b"][0]
+        check_logprobs(engine.generate(PROMPTS, SamplingParams(n=2, max_tokens=8, seed=1)), models["b"][1])
+    finally:
+        server.terminate()
+        server.wait(120)
+        log.close()

@@ -1,5 +1,5 @@
-"""Inference engines behind one interface (see `base.Engine`): `hf` (transformers, CPU or GPU) and
-`vllm` (in-process vllm.LLM, production)."""
+"""Inference engines behind one interface (see `base.Engine`): `hf` (transformers, CPU or GPU),
+`vllm` (in-process vllm.LLM, production) and `openai` (a separate `vllm serve`)."""
 
 from nemo_paced.rollout.engines.base import Engine, Generation, Sample, SamplingParams, create_engine
 

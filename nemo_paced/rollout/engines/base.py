@@ -75,7 +75,7 @@ class Engine(Protocol):
 
 
 def create_engine(kind: str, model: str, **options) -> Engine:
-    """Build an engine by name ('hf' or 'vllm'); each imports its backend only when chosen."""
+    """Build an engine by name ('hf', 'vllm' or 'openai'); each imports its backend only when chosen."""
     if kind == "hf":
         from nemo_paced.rollout.engines.hf import HFEngine
 
@@ -84,4 +84,8 @@ def create_engine(kind: str, model: str, **options) -> Engine:
         from nemo_paced.rollout.engines.vllm import VLLMEngine
 
         return VLLMEngine(model, **options)
-    raise ValueError(f"engine must be 'hf' or 'vllm', got {kind!r}")
+    if kind == "openai":
+        from nemo_paced.rollout.engines.openai import OpenAIEngine
+
+        return OpenAIEngine(model, **options)
+    raise ValueError(f"engine must be 'hf', 'vllm' or 'openai', got {kind!r}")
