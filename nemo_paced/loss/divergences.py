@@ -13,7 +13,6 @@ temporaries); JSD and AKL normalise in place and use the general ones.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -129,7 +128,7 @@ def reverse_kl(c: Chunk, comm: Comm, grad_out: Tensor | None, grad_scale: float)
     value = comm.sum(torch.mul(log_ratio, c.es, out=c.t).sum(-1) * inv_zs)  # teacher buffer is free
     if grad_out is not None:
         ps = c.es.mul_((inv_zs * grad_scale)[:, None])
-        torch.mul(ps, log_ratio.sub_(value[:, None]), out=grad_out)  # subtract before scaling: exact
+        torch.mul(ps, log_ratio.sub_(value[:, None]), out=grad_out)  # subtract first: no cancellation
     return value
 
 
@@ -143,17 +142,19 @@ def generalized_jsd(beta: float) -> Divergence:
         return forward_kl
     if beta == 1.0:
         return reverse_kl
-    log_b, log_1mb = math.log(beta), math.log1p(-beta)
 
     def jsd(c: Chunk, comm: Comm, grad_out: Tensor | None, grad_scale: float) -> Tensor:
         ls, ps, lt, pt = c.normalize()
-        log_m = torch.logaddexp(ls + log_1mb, lt + log_b)
-        student_terms = _p_log_ratio(ps, ls, log_m)
-        sums = comm.sum(torch.stack([_p_log_ratio(pt, lt, log_m).sum(-1), student_terms.sum(-1)]))
-        value = beta * sums[0] + (1.0 - beta) * sums[1]
+        # log m, clamped so that p·(log p − log m) is a finite 0 where both probabilities vanish
+        log_m = torch.mul(ps, 1.0 - beta).add_(pt, alpha=beta).log_().clamp_(min=NEG_LOGIT)
+        teacher_terms = lt.sub_(log_m).mul_(pt)
+        log_ratio = ls.sub_(log_m)  # log p_S − log m
+        student_terms = torch.mul(log_ratio, ps, out=log_m)
+        sums = comm.sum(torch.stack([teacher_terms.sum(-1), student_terms.sum(-1)]))
         if grad_out is not None:
-            grad_out.copy_(student_terms.sub_(ps * sums[1][:, None]).mul_((1.0 - beta) * grad_scale))
-        return value
+            ps.mul_((1.0 - beta) * grad_scale)
+            torch.mul(ps, log_ratio.sub_(sums[1][:, None]), out=grad_out)
+        return beta * sums[0] + (1.0 - beta) * sums[1]
 
     return jsd
 
