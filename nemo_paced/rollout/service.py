@@ -230,7 +230,7 @@ class RolloutService:
 
     def job(self, job_id: str) -> Job:
         if job_id not in self.jobs:
-            raise RequestError("job_id", f"no job {job_id!r} (finished jobs are kept until restart)", 404)
+            raise RequestError("job_id", f"no job {job_id!r} in this service's state directory", 404)
         return self.jobs[job_id]
 
     def queue_length(self) -> int:
