@@ -18,8 +18,6 @@ this module only where Bridge is installed. The pieces, as a recipe assembles th
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from megatron.core.utils import unwrap_model
 
 from nemo_paced.batches import BatchBuilder
 from nemo_paced.megatron.criterion import Stage, paced_criterion, parse_stage
+from nemo_paced.megatron.publish import prepare, publish, step_dirs
 from nemo_paced.megatron.step import PacedForwardStep
 from nemo_paced.megatron.teacher import check_frozen, check_tokenizers, check_vocab
 from nemo_paced.passrates import UnknownPolicy
@@ -180,34 +179,22 @@ class PacedRefresh(Callback):
 
 
 def export_student(model_chunks: list, config, export_dir: Path, step: int) -> Path:
-    """Collective: all ranks gather the student's weights; rank 0 writes them into a temporary
-    directory and renames it into place, so readers never see a half-written checkpoint."""
+    """Collective: all ranks gather the student's weights; rank 0 writes them and publishes the
+    directory atomically, so the rollout service never loads a half-written checkpoint."""
     from megatron.bridge import AutoBridge
 
-    final = export_dir / f"step-{step:07d}"
-    partial = export_dir / f".step-{step:07d}.partial"
+    partial, final = step_dirs(export_dir, step)
     if final.exists():  # exported before a restart; it appeared whole, so keep it
         return final
     if dist.get_rank() == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        export_dir.mkdir(parents=True, exist_ok=True)
+        prepare(partial)
     dist.barrier()
     bridge = AutoBridge.from_hf_pretrained(config.dataset.student)
-    kd_model = unwrap_model(model_chunks[0])
-    with kd_model.hide_teacher_model():  # export the student alone
+    with unwrap_model(model_chunks[0]).hide_teacher_model():  # export the student alone
         bridge.save_hf_pretrained(model_chunks, partial, show_progress=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        for path in partial.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        os.replace(partial, final)  # atomic on one file system; `final` must not exist yet
-        directory = os.open(export_dir, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        publish(partial, final)
     dist.barrier()
     return final
 
