@@ -4,6 +4,7 @@
 - `step`: the forward step that carries each sequence's weight to the loss and normalises by the
   global weight sum of the step.
 - `teacher`: the frozen teacher: compatibility checks and ModelOpt conversion for megatron-core models.
+- `publish`: atomic publication of exported student checkpoints for the rollout service.
 - `bridge`: Megatron Bridge glue (providers, the refresh callback, the training entry); Bridge is
   imported only there, and only when called.
 
