@@ -14,7 +14,6 @@ their difference is the service's overhead per request.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
 import threading
@@ -71,7 +70,7 @@ def main() -> None:
 
     from nemo_paced.problems import Problem
     from nemo_paced.rollout.engines import SamplingParams, create_engine
-    from nemo_paced.rollout.service import RolloutService, ServiceConfig, create_app
+    from nemo_paced.rollout.service import RolloutService, ServiceConfig, bind_socket, create_app
     from nemo_paced.rollout.verifiers import exact
 
     torch.set_num_threads(args.threads)
@@ -98,9 +97,7 @@ def main() -> None:
     config = ServiceConfig(k=args.k, max_tokens=args.max_tokens, template="raw", batch_problems=args.problems,
                            seed=0, max_k=max(64, args.k))
     service = RolloutService(engine, problems, exact, state, config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # as serve-rollouts: TCP_NODELAY
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
+    sock = bind_socket()
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -161,7 +161,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from nemo_paced.atomic import atomic_write_json
     from nemo_paced.problems import load_problems
-    from nemo_paced.rollout.service import RolloutService, ServiceConfig, create_app
+    from nemo_paced.rollout.service import RolloutService, ServiceConfig, bind_socket, create_app
     from nemo_paced.rollout.verifiers import resolve
 
     try:
@@ -175,16 +175,10 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"nemo-paced serve-rollouts: {e}") from None
     service = RolloutService(build_engine(args), problems, verifier, args.state_dir, config)
 
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    # proto IPPROTO_TCP (not 0) lets asyncio set TCP_NODELAY on accepted connections; without it every
-    # response waits ~40 ms for a delayed ACK (Nagle), measured by bench/rollout_bench.py.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock = bind_socket(args.host, args.port)
     except OSError as e:
         raise SystemExit(f"nemo-paced serve-rollouts: cannot bind {args.host}:{args.port}: {e}") from None
-    sock.listen(1024)  # connections made once the address file exists wait here until uvicorn serves
     port = sock.getsockname()[1]
     url_host = socket.gethostname() if _is_unspecified(args.host) else args.host  # 0.0.0.0: other nodes use our name
     url_host = f"[{url_host}]" if ":" in url_host else url_host
