@@ -29,7 +29,7 @@ def tiny(tmp_path_factory) -> list[str]:
     return ["--problems", prepared["problems"], "--teacher", prepared["teacher"], "--student", prepared["student"],
             "--benchmarks", prepared["problems"], "--engine", "hf", "--service-args", engine,
             "--reference-args", f"{engine} --temperature 0", "--eval-args", f"{engine} --n 2",
-            "--train-args", "schedule.total_steps=8 checkpoint_every=2 progress=false"]
+            "--train-args", "schedule.total_steps=16 checkpoint_every=2 progress=false"]
 
 
 def submit_chain(cluster: SlurmCluster, run: Path, *args: str) -> dict[str, str]:
@@ -111,9 +111,12 @@ def test_the_chain_runs_in_order_and_a_preempted_stage_resumes(slurm, tiny, tmp_
     assert result["status"] == "done" and steps == list(range(result["config"]["schedule"]["total_steps"]))
     assert result["step"] == len(steps)
 
-    # the service served the training jobs: the stage-1 student was estimated, stage 2 drew its samples
+    # the service served the training jobs (their pushed weights produced pass rates) and estimate1
+    # re-estimated with the stage-1 student
     table = [json.loads(line) for line in (run / "rollouts" / "passrates.jsonl").read_text().splitlines()]
-    assert any("stage1" in (row.get("checkpoint") or "") for row in table)
+    assert any(f"{run}/stage2/weights/" in (row.get("checkpoint") or "") for row in table)
+    estimate1 = (run / "logs" / f"estimate1-{ids['estimate1']}.out").read_text()
+    assert f"loaded weights {run}/stage1/final" in estimate1
     assert (run / "stage2" / "final").is_dir()
     assert json.loads((run / "eval.json").read_text())["benchmarks"]
 
