@@ -3,7 +3,7 @@
 The session fixture `slurm` installs Debian's slurm-wlm and munge when they are missing (root and
 apt needed), starts slurmctld and slurmd with their state in a temporary directory, and stops them
 at the end of the session. The node advertises 8 CPUs, so the rollout service job runs beside a
-training job on a 2-core machine.
+training job on a 2-core machine, and listens on free ports, so two test sessions can run at once.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -54,12 +55,24 @@ class SlurmCluster:
             time.sleep(0.5)
 
 
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory) -> SlurmCluster:
     if os.geteuid() != 0 and not shutil.which("slurmctld"):
         pytest.skip("slurm: needs root to install and run a local slurm-wlm")
     root = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "SLURM_ROOT": str(root), "SLURM_CPUS": "8",
+    ctld_port, slurmd_port = free_ports(2)  # a second test session on this machine gets its own cluster
+    env = {**os.environ, "SLURM_ROOT": str(root), "SLURM_CPUS": "8", "SLURM_CTLD_PORT": str(ctld_port),
+           "SLURMD_PORT": str(slurmd_port),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     up = subprocess.run(["bash", str(SLURM_LOCAL), "up"], env=env, capture_output=True, text=True, timeout=600)
     if up.returncode != 0:
