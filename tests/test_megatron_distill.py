@@ -133,16 +133,17 @@ class Harness:
         per_rank = GLOBAL_BATCH // self.dp
         return range(self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
 
-    def step(self, mbs: list[dict], micro: int, forward_step=None) -> list[dict]:
+    def step(self, mbs, micro: int, forward_step=None, num_microbatches: int | None = None) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from modelopt.torch.distill.plugins.megatron import get_tensor_shapes_adjust_fn_for_distillation
 
         from nemo_paced.megatron.step import PacedForwardStep
 
         self.ddp.zero_grad_buffer()
+        n = len(mbs) if num_microbatches is None else num_microbatches
         return get_forward_backward_func()(
-            forward_step_func=forward_step or PacedForwardStep(num_microbatches=len(mbs)),
-            data_iterator=iter(mbs), model=[self.ddp], num_microbatches=len(mbs), seq_length=SEQ,
+            forward_step_func=forward_step or PacedForwardStep(num_microbatches=n),
+            data_iterator=iter(mbs), model=[self.ddp], num_microbatches=n, seq_length=SEQ,
             micro_batch_size=micro, decoder_seq_length=SEQ, forward_only=False,
             adjust_tensor_shapes_fn=get_tensor_shapes_adjust_fn_for_distillation(
                 self.ddp, seq_length=SEQ, micro_batch_size=micro, decoder_seq_length=SEQ))
@@ -194,7 +195,10 @@ def layouts_run(rank: int, world_size: int) -> dict[str, dict]:
 
     results = {}
     for name, (tp, pp) in LAYOUTS.items():
-        results[name] = to_numpy(train(Harness(tp, pp)))
+        h = Harness(tp, pp)
+        results[name] = to_numpy(train(h))
+        if pp > 1:
+            results[name]["sampler"] = to_numpy(sampler_run(h))
         ps.destroy_model_parallel()
         tensor_parallel.get_cuda_rng_tracker().reset()
     return results
@@ -261,6 +265,41 @@ def reference_run(rank: int, world_size: int) -> dict:
     except TeacherMismatchError as error:
         out["vocab_mismatch"] = str(error)
     return to_numpy(out)
+
+
+def sampler_run(h: Harness) -> dict:
+    """Two steps fed by a real PacedSampler that re-reads its pass-rate table every step: the
+    refresh is a broadcast among all reading ranks, first and last pipeline stages alike. The
+    StepBuffer reads the step before the schedule starts, as Bridge's PacedCallback does, so the
+    collective cannot meet the stages waiting on each other's activations."""
+    from nemo_paced.megatron.data import StepBuffer
+    from nemo_paced.passrates import PassRateTable
+    from nemo_paced.sampler import PacedSampler, SamplerConfig, reader_group
+
+    ids = [f"p{i}" for i in range(16)]
+    table = PassRateTable()
+    table.update([(pid, i % 9, 8) for i, pid in enumerate(ids)], step=0)
+    seen = []
+
+    def collate(draw) -> dict:
+        seen.append(list(draw.problem_ids))
+        tokens = torch.stack([torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(int(i)))
+                              for i in draw.indices])
+        mask = torch.ones(len(tokens), SEQ)
+        mask[:, :3] = 0
+        return dict(tokens=tokens, labels=torch.roll(tokens, -1, 1), loss_mask=mask,
+                    position_ids=torch.arange(SEQ).expand(len(tokens), SEQ).clone(),
+                    sample_weight=torch.as_tensor(draw.weights, dtype=torch.float32))
+
+    reads = h.ps.is_pipeline_first_stage() or h.ps.is_pipeline_last_stage()
+    sampler = PacedSampler(ids, SamplerConfig(GLOBAL_BATCH, MICRO, seed=5, refresh_every=1), lambda: table,
+                           dp_rank=h.dp_rank, dp_size=h.dp, group=reader_group(reads), collate=collate)
+    stream, sums = StepBuffer(sampler), []
+    for _ in range(2):
+        stream.fill(sampler.micro_batches_per_step)
+        reports = h.step(stream, MICRO, num_microbatches=sampler.micro_batches_per_step)
+        sums.append(_paced_sums(reports) if reports else None)
+    return dict(seen=seen, sums=sums)
 
 
 def hand_loss(h: Harness, batches: list[dict], reverse: bool) -> float:
@@ -418,3 +457,9 @@ def test_parallel_layout_matches_single_process(reference, layouts, layout):
             grads.update(r["grads"])
     _close(grads, ref["grads"])
     assert all(r["teacher_unchanged"] and r["student_changed"] for r in ranks)
+    if "sampler" in ranks[0]:  # the sampler-fed steps finished; both stages of a replica read the same problems
+        for replica in {r["dp_rank"] for r in ranks}:
+            seen = [r["sampler"]["seen"] for r in ranks if r["dp_rank"] == replica]
+            dp = 4 // math.prod(LAYOUTS[layout])
+            assert all(s == seen[0] for s in seen) and len(seen[0]) == 2 * GLOBAL_BATCH // (MICRO * dp)
+        assert all(np.isfinite(s).all() for r in last for s in r["sampler"]["sums"])

@@ -39,3 +39,17 @@ def test_bins_must_increase():
         PacedForwardStep(pass_rate_bins=(0.5, 0.25))
     with pytest.raises(TypeError, match="call as"):
         PacedForwardStep(num_microbatches=1)(iter([]))
+
+
+def test_step_buffer_hands_out_exactly_the_filled_step():
+    from nemo_paced.megatron.data import StepBuffer
+
+    stream = StepBuffer(iter(range(10)))
+    with pytest.raises(RuntimeError, match="not read ahead"):
+        next(stream)
+    stream.fill(3)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.fill(3)
+    next(stream)
+    with pytest.raises(RuntimeError, match="2 micro-batches of the previous step were not used"):
+        stream.fill(3)

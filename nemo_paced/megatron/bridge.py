@@ -9,10 +9,11 @@ this module only where Bridge is installed. The pieces, as a recipe assembles th
 - `PacedDataset`: the external data source: `PacedSampler` over the problem set, drawing from the
   rollout service's pass-rate table, collated into micro-batches that keep `sample_weight`
   (teacher references in the fkl stage, fresh student samples in the rkl stage).
-- `PacedRefresh`: every `refresh_every` steps, exports the student in Hugging Face format into a
-  new directory that appears atomically, has the rollout service load it and queue a new pass-rate
-  estimate; the sampler picks the refreshed table up at its next refresh boundary.
-- `train(config)`: `pretrain(config, PacedForwardStep(), callbacks=[PacedRefresh()])`.
+- `PacedCallback`: reads each step's micro-batches before the schedule runs (`data.StepBuffer`),
+  and every `refresh_every` steps exports the student in Hugging Face format into a new directory
+  that appears atomically, has the rollout service load it and queue a new pass-rate estimate;
+  the sampler picks the refreshed table up at its next refresh boundary.
+- `train(config)`: `pretrain(config, PacedForwardStep(), callbacks=[PacedCallback()])`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
 try:
@@ -42,14 +41,15 @@ from megatron.core.utils import unwrap_model
 
 from nemo_paced.batches import BatchBuilder
 from nemo_paced.megatron.criterion import Stage, paced_criterion, parse_stage
+from nemo_paced.megatron.data import StepBuffer, WithPassRates
 from nemo_paced.megatron.publish import prepare, publish, step_dirs
 from nemo_paced.megatron.step import PacedForwardStep
 from nemo_paced.megatron.teacher import check_frozen, check_tokenizers, check_vocab
+from nemo_paced.onpolicy import OnPolicyBatches, SamplingSettings
 from nemo_paced.passrates import UnknownPolicy
 from nemo_paced.problems import load_problems
 from nemo_paced.references import ReferenceBatches, load_references
 from nemo_paced.rollout.client import RolloutClient
-from nemo_paced.onpolicy import OnPolicyBatches, SamplingSettings
 from nemo_paced.sampler import PacedSampler, SamplerConfig, reader_group
 from nemo_paced.weighting import WeightConfig
 
@@ -131,39 +131,26 @@ class PacedDataset(DatasetProvider):
                                client.refresh_table, dp_rank=dp_rank, dp_size=dp_size, group=readers, collate=collate)
         source = sampler if fkl else OnPolicyBatches(
             sampler, client, builder, sampling=SamplingSettings(max_tokens=self.max_response_tokens), group=replica)
-        return WithPassRates(source, client, self.refresh_every * sampler.micro_batches_per_step), None, None
-
-
-class WithPassRates:
-    """Adds each sequence's pass rate (-1 if never estimated) to the micro-batches, for the per-bin KL
-    report; the local copy of the table is refreshed every `refresh_batches` micro-batches."""
-
-    def __init__(self, source, client: RolloutClient, refresh_batches: int):
-        self.source, self.client, self.refresh_batches = source, client, refresh_batches
-        self._count = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        batch = next(self.source)
-        if self._count % self.refresh_batches == 0:
-            self.client.refresh_table()
-        self._count += 1
-        rates = self.client.table.pass_rates(batch["problem_ids"])
-        batch["pass_rate"] = torch.from_numpy(np.nan_to_num(rates, nan=-1.0).astype(np.float32))
-        return batch
+        self.stream = StepBuffer(WithPassRates(source, client, self.refresh_every * sampler.micro_batches_per_step))
+        return self.stream, None, None
 
 
 # --- refresh -----------------------------------------------------------------------------------
 
-class PacedRefresh(Callback):
-    """Every `dataset.refresh_every` steps: export the student (Hugging Face format) to
-    `export_dir/step-NNNNNNN`, have the rollout service load it, and queue a new estimate.
-    At the start it checks that the teacher is frozen."""
+class PacedCallback(Callback):
+    """Checks the teacher is frozen at the start; before each step, reads the step's micro-batches
+    on the ranks that read data (see `data.StepBuffer`); every `dataset.refresh_every` steps, exports
+    the student (Hugging Face format) to `export_dir/step-NNNNNNN`, has the rollout service load it
+    and queues a new estimate."""
 
     def on_train_start(self, context: CallbackContext) -> None:
         check_frozen(unwrap_model(context.model[0]))
+
+    def on_train_step_start(self, context: CallbackContext) -> None:
+        if parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage():
+            from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+            context.state.cfg.dataset.stream.fill(get_num_microbatches())
 
     def on_train_step_end(self, context: CallbackContext) -> None:
         dataset = context.state.cfg.dataset
@@ -209,4 +196,4 @@ def train(config) -> None:
         raise TypeError(f"config.dataset must be a PacedDataset, got {type(config.dataset).__name__}")
     config.dataset.global_batch_size = config.train.global_batch_size
     config.dataset.micro_batch_size = config.train.micro_batch_size
-    pretrain(config, PacedForwardStep(), callbacks=[PacedRefresh()])
+    pretrain(config, PacedForwardStep(), callbacks=[PacedCallback()])
