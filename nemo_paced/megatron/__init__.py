@@ -4,6 +4,8 @@
 - `step`: the forward step that carries each sequence's weight to the loss and normalises by the
   global weight sum of the step.
 - `teacher`: the frozen teacher: compatibility checks and ModelOpt conversion for megatron-core models.
+- `data`: the step's micro-batches read before the schedule runs (collectives in the data stream
+  would deadlock pipeline stages inside it), and pass rates added for the report.
 - `publish`: atomic publication of exported student checkpoints for the rollout service.
 - `bridge`: Megatron Bridge glue (providers, the refresh callback, the training entry); Bridge is
   imported only there, and only when called.
