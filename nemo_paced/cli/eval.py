@@ -52,7 +52,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
     def progress(name: str, done: int, total: int) -> None:
         print(f"  {name}: {done}/{total}", file=sys.stderr, flush=True)
 
-    results = evaluate(engine, benchmarks, verifier, params, args.template, args.batch_problems, progress)
+    try:
+        results = evaluate(engine, benchmarks, verifier, params, args.template, args.batch_problems, progress)
+    finally:
+        engine.close()
     print(format_table(results))
     atomic_write_json(args.out, {"model": args.model, "engine": args.engine, "verifier": args.verifier,
                                  "template": args.template, "sampling": asdict(params),

@@ -188,7 +188,11 @@ def serve(args: argparse.Namespace) -> int:
         atomic_write_json(args.address_file, address)
     print(f"rollout service on {address['url']} ({len(problems)} problems, engine {args.engine}, "
           f"table version {service.table.version})", file=sys.stderr, flush=True)
-    cleanup = (lambda: _remove_if_ours(Path(args.address_file))) if args.address_file else None
+    def cleanup() -> None:
+        if args.address_file:
+            _remove_if_ours(Path(args.address_file))
+        service.engine.close()
+
     app = create_app(service, on_shutdown=cleanup)
     uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False)).run(sockets=[sock])
     return 0

@@ -454,7 +454,8 @@ def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 
 def create_app(service: RolloutService, on_shutdown: Callable[[], None] | None = None):
     """The ASGI app: FastAPI behind the auth and size guard; its lifespan runs the estimation worker.
-    `on_shutdown` runs after the worker stops (uvicorn re-raises SIGTERM afterwards, so no later code runs)."""
+    `on_shutdown` runs after the worker stops: the place to release the engine and other resources,
+    since uvicorn re-raises SIGTERM afterwards and no later code runs."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.start()

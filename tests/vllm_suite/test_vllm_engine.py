@@ -4,6 +4,7 @@ A tiny Llama with one 64-wide attention head (the CPU attention kernels need hea
 the demo's character tokenizer, saved twice with different random weights to test reloading.
 """
 
+import psutil
 import pytest
 import torch
 
@@ -49,8 +50,10 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models):
-    return create_engine("vllm", models["a"][0], dtype="float32", enforce_eager=True, max_model_len=128,
-                         max_num_seqs=64, kv_cache_memory_bytes=64 << 20)
+    engine = create_engine("vllm", models["a"][0], dtype="float32", enforce_eager=True, max_model_len=128,
+                           max_num_seqs=64, kv_cache_memory_bytes=64 << 20)
+    yield engine
+    engine.close()
 
 
 def check_logprobs(generations, model):
@@ -122,8 +125,12 @@ def test_service_on_vllm_serves_estimates_samples_and_reloads(models, tmp_path):
                     expected = teacher_forced_logprobs(models[name][1], problem.prompt_token_ids, sample.token_ids)
                     assert (expected - torch.tensor(sample.logprobs)).abs().max().item() < 2e-3
                     assert sample.score == int(sample.text[:1] in tuple("01234"))
+        children = psutil.Process(srv.process.pid).children(recursive=True)
+        assert children  # vLLM's engine core runs in its own processes
     finally:
         srv.stop()
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, f"SIGTERM left vLLM processes behind: {alive}"
 
 
 def test_eval_on_vllm(models, tmp_path):

@@ -73,6 +73,10 @@ class Engine(Protocol):
         """The tokenizer prompts are encoded with (used to render chat templates)."""
         ...
 
+    def close(self) -> None:
+        """Release what outlives the object otherwise (vLLM's engine-core processes)."""
+        ...
+
 
 def create_engine(kind: str, model: str, **options) -> Engine:
     """Build an engine by name ('hf', 'vllm' or 'openai'); each imports its backend only when chosen."""

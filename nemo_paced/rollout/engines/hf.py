@@ -49,6 +49,9 @@ class HFEngine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.checkpoint = str(path)
 
+    def close(self) -> None:
+        pass  # nothing outlives the Python objects
+
     @torch.inference_mode()
     def generate(self, prompts: list[str], params: SamplingParams,
                  add_special_tokens: bool = True) -> list[Generation]:

@@ -38,6 +38,9 @@ class OpenAIEngine:
     def tokenizer(self):
         return self._tokenizer
 
+    def close(self) -> None:
+        self._http.close()
+
     def _call(self, method: str, path: str, body: dict | None = None) -> Any:
         try:
             response = self._http.request(method, path, json=body)

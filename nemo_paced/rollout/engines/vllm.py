@@ -55,6 +55,11 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.checkpoint = str(path)
 
+    def close(self) -> None:
+        """Stop the engine-core and worker processes now: a SIGTERM'd server exits without running
+        vLLM's finalizers, which would leave them (and their memory) behind."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(self, prompts: list[str], params: SamplingParams,
                  add_special_tokens: bool = True) -> list[Generation]:
         vllm = _vllm()
