@@ -135,7 +135,7 @@ class PacedDataset(DatasetProvider):
         return self.stream, None, None
 
 
-# --- refresh -----------------------------------------------------------------------------------
+# --- callback ----------------------------------------------------------------------------------
 
 class PacedCallback(Callback):
     """Checks the teacher is frozen at the start; before each step, reads the step's micro-batches
