@@ -117,5 +117,6 @@ def test_chat_prompts_get_no_second_bos(models, tmp_path):
     chat = rollout(engine, [problem], first_char_in, params, template="chat")[0]
     digits = engine.tokenizer("12+3", add_special_tokens=False)["input_ids"]
     assert raw.prompt_token_ids == [EOS] + digits  # the tokenizer's BOS
-    assert chat.prompt.startswith("<eos>12+3")
-    assert chat.prompt_token_ids[:2] == [EOS, digits[0]]  # the template's BOS, once
+    assert engine.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).startswith("<eos>")
+    assert chat.prompt.startswith("12+3")  # the template's BOS text is left to the tokenizer
+    assert chat.prompt_token_ids[:2] == [EOS, digits[0]]  # BOS once

@@ -59,12 +59,22 @@ def rollout(engine: Engine, problems: Sequence[Problem], verifier: Verifier, par
             template: str = "plain") -> list[ProblemRollouts]:
     """params.n graded samples for each problem, in order; the caller owns the engine for the call."""
     prompts = [render_prompt(p, template, engine.tokenizer) for p in problems]
-    generations = engine.generate(prompts, params, add_special_tokens=template != "chat")
+    if template == "chat":
+        prompts = [_without_added_prefix(p, engine.tokenizer) for p in prompts]
+    generations = engine.generate(prompts, params)
     return [ProblemRollouts(problem.id, prompt, generation.prompt_token_ids,
                             [ScoredSample(s.text, s.token_ids, s.logprobs, s.finish_reason,
                                           score(verifier, s.text, problem.answer)) for s in generation.samples],
                             engine.checkpoint)
             for problem, prompt, generation in zip(problems, prompts, generations)]
+
+
+def _without_added_prefix(prompt: str, tokenizer) -> str:
+    """A rendered chat template starts with the BOS that the engine's tokenizer adds again: drop the
+    text of what tokenising adds in front, so the model sees that token once."""
+    added = tokenizer("")["input_ids"]
+    prefix = tokenizer.decode(added) if added else ""
+    return prompt[len(prefix):] if prefix and prompt.startswith(prefix) else prompt
 
 
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -58,10 +58,9 @@ class Engine(Protocol):
     name: str
     checkpoint: str  # the weights currently loaded (a directory path)
 
-    def generate(self, prompts: list[str], params: SamplingParams,
-                 add_special_tokens: bool = True) -> list[Generation]:
-        """params.n samples for each prompt, in prompt order. `add_special_tokens=False` for text that
-        already carries them (a rendered chat template starts with its own BOS)."""
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
+        """params.n samples for each prompt, in prompt order; prompts are tokenised with the
+        tokenizer's special tokens (its BOS, if it adds one)."""
         ...
 
     def load_weights(self, path: str) -> None:

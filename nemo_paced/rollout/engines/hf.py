@@ -53,11 +53,10 @@ class HFEngine:
         pass  # nothing outlives the Python objects
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], params: SamplingParams,
-                 add_special_tokens: bool = True) -> list[Generation]:
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        encoded = [self._tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+        encoded = [self._tokenizer(p)["input_ids"] for p in prompts]
         per_call = max(1, self.batch_size // params.n)
         generations: list[Generation] = []
         for start in range(0, len(encoded), per_call):

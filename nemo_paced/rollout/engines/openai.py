@@ -54,9 +54,8 @@ class OpenAIEngine:
                                f"{response.status_code}: {response.text[:500]}")
         return response.json() if response.content else None
 
-    def generate(self, prompts: list[str], params: SamplingParams,
-                 add_special_tokens: bool = True) -> list[Generation]:
-        encoded = [self._tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
+        encoded = [self._tokenizer(p)["input_ids"] for p in prompts]
         body = {"model": self.served_model, "prompt": encoded, "n": params.n, "temperature": params.temperature,
                 "top_p": params.top_p, "max_tokens": params.max_tokens, "seed": params.seed, "logprobs": 0,
                 "return_tokens_as_token_ids": True, "stop_token_ids": self.eos_ids}

@@ -60,10 +60,9 @@ class VLLMEngine:
         vLLM's finalizers, which would leave them (and their memory) behind."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def generate(self, prompts: list[str], params: SamplingParams,
-                 add_special_tokens: bool = True) -> list[Generation]:
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[Generation]:
         vllm = _vllm()
-        encoded = [self._tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+        encoded = [self._tokenizer(p)["input_ids"] for p in prompts]
         sampling = vllm.SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                                        max_tokens=params.max_tokens, seed=params.seed, logprobs=0,
                                        stop_token_ids=self.eos_ids, detokenize=False)
