@@ -333,6 +333,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--sections", nargs="+", choices=["tp1", "head", "tp2"],
+                        default=["tp1", "head", "tp2"], help="which tables to run")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per process (1: stable timings on a shared machine)")
     args = parser.parse_args()
@@ -351,6 +353,9 @@ def main() -> None:
     cpu = os.cpu_count()
     print(f"# torch {torch.__version__}, {device} ({torch.cuda.get_device_name() if cuda else f'{cpu} CPU cores'}), "
           f"{args.dtype} logits, {args.threads} thread(s) per process, median of {args.repeats}")
+    shapes_tp1 = shapes_tp1 if "tp1" in args.sections else []
+    shapes_head = shapes_head if "head" in args.sections else []
+    shapes_tp2 = shapes_tp2 if "tp2" in args.sections else []
     for tokens, vocab in shapes_tp1:
         res = run_shape(tokens, vocab, dtype, device, args.repeats)
         print(table(res, f"TP=1, {tokens} tokens x {vocab} vocab ({dtype})"), flush=True)
