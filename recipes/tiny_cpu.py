@@ -36,6 +36,7 @@ def tiny_cpu(stage: str = "fkl", work: str = WORK) -> LocalTrainConfig:
         weighting=WeightConfig(mode="loss"),
         batch_size=demo.batch_size,
         lr=demo.lr,
+        rkl_sync_every=demo.rkl_sync_every,
         seq_length=demo.task.prompt_width + demo.task.answer_length(demo.task.max_level) + 1,
         eval_every=demo.eval_every,
         progress=True,

@@ -103,3 +103,23 @@ def test_micro_demo_runs_end_to_end_over_http(tmp_path):
         assert method["curve"]["steps"] == [0, 2, 4]
     assert (tmp_path / "out" / "report.json").exists() and (tmp_path / "out" / "prepared.json").exists()
     assert json.loads((tmp_path / "out" / "runs" / "paced-seed0" / "result.json").read_text())["status"] == "done"
+
+
+def test_tiny_models_are_cached_by_content_and_learn(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nemo_paced.tasks import ChainTask
+    from nemo_paced.tiny_models import PretrainConfig, TinyModelConfig, cached_pretrained
+
+    task, model = ChainTask(max_level=2), TinyModelConfig(1, 32, 2)
+    training = PretrainConfig(steps=100, batch_size=32, level_weights={1: 1.0})
+    first = cached_pretrained(tmp_path, "m", task, model, training)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert cached_pretrained(tmp_path, "m", task, model, training) == first  # reused, not retrained
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    other = cached_pretrained(tmp_path, "m", task, model, dataclasses.replace(training, seed=1))
+    assert other != first and sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, other.name])
+    meta = json.loads((first / "pretrain.json").read_text())
+    assert meta["final_loss"] < 1.5  # an untrained model scores about ln(15) = 2.7 per answer token
+    loaded = AutoModelForCausalLM.from_pretrained(first)
+    assert loaded.config.vocab_size == 15 and loaded.config.num_hidden_layers == 1

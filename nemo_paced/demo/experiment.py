@@ -47,8 +47,9 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 1e-3
     fkl_fraction: float = 0.5
-    refresh_every: int = 50
-    eval_every: int = 50
+    refresh_every: int = 100
+    eval_every: int = 100
+    rkl_sync_every: int = 5
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = METHODS
     k: int = 8
@@ -174,10 +175,13 @@ def run_demo(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], No
                     references=str(references), passrates=str(out / "passrates_start.jsonl"), rollout=url,
                     out_dir=str(run_dir), batch_size=config.batch_size, lr=config.lr,
                     seq_length=config.task.prompt_width + prepared.max_tokens, eval_every=config.eval_every,
-                    eval_samples=config.eval_samples, checkpoint_every=max(config.steps // 2, 1), seed=seed,
+                    eval_samples=config.eval_samples, rkl_sync_every=config.rkl_sync_every,
+                    checkpoint_every=max(config.steps // 2, 1), seed=seed,
                     progress=progress, **method_overrides(method, config))
                 run_started = time.perf_counter()
                 runs[method][seed] = train(train_config)
+                if runs[method][seed]["status"] == "preempted":
+                    raise SystemExit(f"stopped by a signal during {method} seed {seed} (checkpoint in {run_dir})")
                 say(f"{method} seed {seed}: {time.perf_counter() - run_started:.0f} s, final "
                     f"{_summary(runs[method][seed])}")
         timings["training"] = time.perf_counter() - mark

@@ -46,7 +46,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     twin.set_ylabel("weight")
     ax.set_title("PACED weight over the starting pass-rate histogram")
     lines = ax.get_legend_handles_labels(), twin.get_legend_handles_labels()
-    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="upper center")
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="upper right")
     paths.append(_save(fig, out / "kernel_over_histogram.png"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
