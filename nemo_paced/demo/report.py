@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from nemo_paced.passrates import PassRateTable
+from nemo_paced.train.local import jsonable
 from nemo_paced.weighting import extreme_fraction, pass_rate_histogram
 
 MEAN = "mean"  # the average over difficulty levels
@@ -58,7 +59,7 @@ def build_report(config, table: PassRateTable, snr: list[dict[str, Any]], runs: 
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
                    f"Python {platform.python_version()}",
-        "config": _plain(asdict(config)),
+        "config": jsonable(asdict(config)),
         "timings_s": timings,
         "references": {"problems": references.problems, "with_reference": references.with_reference},
         "start": {"accuracy": start_accuracy, "at_zero": at_zero, "at_one": at_one,
@@ -120,10 +121,3 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(report["verdict"])
     return "\n".join(lines)
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value.value if hasattr(value, "value") else value

@@ -350,7 +350,7 @@ class _Run:
     def _finish(self, status: str) -> dict[str, Any]:
         drawn = np.array(list(self.draws.values()), dtype=np.float64)
         steps = self.history["steps"]
-        result = {"status": status, "step": self.step, "config": _jsonable(asdict(self.config)),
+        result = {"status": status, "step": self.step, "config": jsonable(asdict(self.config)),
                   "history": self.history,
                   "draws": {"distinct": int(drawn.size), "total": int(drawn.sum()),
                             "per_drawn_problem": float(drawn.mean()) if drawn.size else 0.0,
@@ -366,9 +366,10 @@ def _by_level(pool, rates: np.ndarray, known: np.ndarray) -> dict[str, float]:
     return {str(level): float(rates[levels == level].mean()) for level in sorted(set(levels.tolist()))}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Config values as plain JSON: enums by value, tuples as lists, keys as strings."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value.value if hasattr(value, "value") else value
