@@ -2,13 +2,14 @@
 
 Used by every parallel test: each rank calls `fn(rank, world_size, *args)` after
 `torch.distributed.init_process_group("gloo")`; the return values come back in rank order
-(they must be picklable, e.g. CPU tensors). An exception on any rank fails the caller with
+(they must be picklable; CPU tensors are fine). An exception on any rank fails the caller with
 that rank's traceback.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -32,7 +33,8 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, que
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Pickled by hand: torch's queue would share tensor storage with a process about to exit.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure, including assertion errors
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -55,7 +57,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
