@@ -24,7 +24,9 @@ test-slurm: setup
 	$(BIN)/python -m pytest -m slurm
 
 # Speed and memory, printed as ratios against baselines run side by side (see bench/README.md).
+# The loss tables take tens of minutes on 2 cores; `bench/loss_bench.py --quick` is a 2-minute smoke run.
 bench: setup
+	$(BIN)/python bench/loss_bench.py
 	$(BIN)/python bench/sampler_bench.py
 	$(BIN)/python bench/rollout_bench.py
 
