@@ -19,6 +19,10 @@ setup: $(STAMP)
 test: setup
 	$(BIN)/python -m pytest
 
+# The main job: a complete two-stage PACED distillation on CPU against the paper's baselines (~6-9 min).
+demo: setup
+	$(BIN)/nemo-paced demo --out runs/demo
+
 # The SLURM launch tests alone (they also run in `make test`): root and apt, about 8 minutes.
 test-slurm: setup
 	$(BIN)/python -m pytest -m slurm

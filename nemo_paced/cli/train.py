@@ -47,16 +47,21 @@ def build(recipe: str, stage: str, overrides: list[str]) -> Any:
     return apply_overrides(resolve(recipe)(stage=stage), overrides)
 
 
-def run(config: Any) -> None:
+# A stage stopped early by SIGTERM/SIGUSR1 (checkpoint saved, not finished) exits with EX_TEMPFAIL, so
+# SLURM's afterok dependents never start on an unfinished stage and NeMo-Run's retry logic requeues it.
+EXIT_PREEMPTED = 75
+
+
+def run(config: Any) -> int:
     """Dispatch by config type: the local trainer's config, else a Bridge ConfigContainer."""
     from nemo_paced.train.local import LocalTrainConfig, train
 
     if isinstance(config, LocalTrainConfig):
-        train(config)
-        return
+        return 0 if train(config)["status"] == "done" else EXIT_PREEMPTED
     from nemo_paced.megatron.bridge import train as bridge_train
 
     bridge_train(config)
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -70,5 +75,4 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config)
         return 0
-    run(config)
-    return 0
+    return run(config)
