@@ -151,22 +151,24 @@ def _drawn(run_dir: Path) -> set[str]:
     return set(state["draws"])
 
 
-def _signal_when(path: Path, timeout: float = 120.0) -> None:
+def _signal_when(path: Path, signum: int = signal.SIGUSR1, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signum)
 
 
-def test_train_command_exits_non_zero_while_a_preempted_stage_is_unfinished(setup, tmp_path):
+def test_train_command_exits_non_zero_while_a_terminated_stage_is_unfinished(setup, tmp_path):
     from nemo_paced.cli.train import EXIT_PREEMPTED, run
 
-    schedule = TwoStageSchedule(total_steps=4, fkl_fraction=1.0)
+    schedule = TwoStageSchedule(total_steps=12, fkl_fraction=1.0)  # long enough to stop well before the end
     with loopback_service(setup["student"], _all_problems(setup), tmp_path / "service", max_tokens=4) as url:
         config = _config(setup, tmp_path / "run", url, schedule=schedule, final_estimate=False)
-        watcher = threading.Thread(target=_signal_when, args=(tmp_path / "run" / "checkpoint.pt",), daemon=True)
+        watcher = threading.Thread(target=_signal_when, args=(tmp_path / "run" / "checkpoint.pt", signal.SIGTERM),
+                                   daemon=True)
         watcher.start()
         assert run(config) == EXIT_PREEMPTED  # SLURM's afterok dependents must not start
         watcher.join()
+        assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "preempted"
         assert run(config) == 0  # the resumed stage finishes
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "done"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -47,8 +48,10 @@ def build(recipe: str, stage: str, overrides: list[str]) -> Any:
     return apply_overrides(resolve(recipe)(stage=stage), overrides)
 
 
-# A stage stopped early by SIGTERM/SIGUSR1 (checkpoint saved, not finished) exits with EX_TEMPFAIL, so
-# SLURM's afterok dependents never start on an unfinished stage and NeMo-Run's retry logic requeues it.
+# Exit status of a stage stopped early with its checkpoint saved. SIGUSR1 is the launchers' "save now,
+# you will be requeued" warning (launch/jobs/train.sbatch requeues itself), so it exits 0. Any other
+# signal (SIGTERM: time limit, scancel, preemption without warning) exits with EX_TEMPFAIL, so SLURM's
+# afterok dependents never start on an unfinished stage.
 EXIT_PREEMPTED = 75
 
 
@@ -57,7 +60,9 @@ def run(config: Any) -> int:
     from nemo_paced.train.local import LocalTrainConfig, train
 
     if isinstance(config, LocalTrainConfig):
-        return 0 if train(config)["status"] == "done" else EXIT_PREEMPTED
+        result = train(config)
+        finished_or_requeued = result["status"] == "done" or result.get("signal") == signal.SIGUSR1
+        return 0 if finished_or_requeued else EXIT_PREEMPTED
     from nemo_paced.megatron.bridge import train as bridge_train
 
     bridge_train(config)

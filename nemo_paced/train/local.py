@@ -350,7 +350,8 @@ class _Run:
     def _finish(self, status: str) -> dict[str, Any]:
         drawn = np.array(list(self.draws.values()), dtype=np.float64)
         steps = self.history["steps"]
-        result = {"status": status, "step": self.step, "config": jsonable(asdict(self.config)),
+        result = {"status": status, "step": self.step, "signal": self._signal,
+                  "config": jsonable(asdict(self.config)),
                   "history": self.history,
                   "draws": {"distinct": int(drawn.size), "total": int(drawn.sum()),
                             "per_drawn_problem": float(drawn.mean()) if drawn.size else 0.0,
