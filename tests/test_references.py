@@ -1,5 +1,6 @@
 """Teacher references with a real (tiny, random) transformers teacher on the hf engine."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -140,6 +141,18 @@ def test_cli_names_the_bad_row_and_field(teacher, tmp_path, capsys):
                  str(tmp_path / "refs.jsonl")])
     assert code == 2
     assert "row 2: field 'answer': missing" in capsys.readouterr().err
+    assert not (tmp_path / "refs.jsonl").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
+                    reason="vllm is installed here, so its missing-package message cannot appear")
+def test_cli_vllm_engine_without_vllm_names_the_package(teacher, tmp_path):
+    path, _ = teacher
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"id": "a", "prompt": "1+1=", "answer": "2"}) + "\n")
+    with pytest.raises(ImportError, match="needs the `vllm` package"):
+        main(["make-references", "--engine", "vllm", "--teacher", str(path), "--problems", str(problems),
+              "--out", str(tmp_path / "refs.jsonl")])
     assert not (tmp_path / "refs.jsonl").exists()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nemo_paced.cli.serve import add_engine_arguments
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -20,38 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                "Example (DAPO-Math-17k on a GPU node):\n"
                "  nemo-paced make-references --teacher Qwen/Qwen3-8B --problems data/dapo17k.jsonl \\\n"
                "      --out data/dapo17k.refs.jsonl --engine vllm --template chat --max-tokens 8192")
-    parser.add_argument("--teacher", required=True, help="teacher model directory (Hugging Face format)")
+    add_engine_arguments(parser, model_flag="--teacher")
     parser.add_argument("--problems", required=True, help="problems: JSONL/JSON/Parquet file or dataset name")
     parser.add_argument("--out", required=True, help="references file to write (.jsonl)")
     parser.add_argument("--n", type=int, default=1, help="responses sampled per problem (default 1)")
     parser.add_argument("--keep", choices=["verified", "all"], default="verified",
                         help="verified: keep responses the verifier accepts (default); all: keep every "
                              "response with its score")
-    parser.add_argument("--fields", help="where fields live in the data rows, e.g. "
-                                         "id=uid,prompt=question,answer=reward_model.ground_truth")
-    parser.add_argument("--split", default="train", help="split of a Hugging Face dataset (default train)")
     parser.add_argument("--limit", type=int, help="use only the first N problems")
-    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
-                        help="hf: transformers (CPU or GPU, default); vllm: in-process vLLM (GPU)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: --teacher)")
-    parser.add_argument("--dtype", help="weights dtype (hf default float32, vllm default auto)")
-    parser.add_argument("--device", help="hf engine device (default cuda if available, else cpu)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="hf engine: most sequences (prompts x samples) per generate call (default 64)")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine: tensor parallelism")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm engine (default 0.9)")
-    parser.add_argument("--max-model-len", type=int, help="vllm engine: context length (default: the model's)")
-    parser.add_argument("--verifier", default="math_boxed",
-                        help="math_boxed (default), exact, integer, or an import path package.module:function")
-    parser.add_argument("--template", choices=["raw", "plain", "chat"], default="plain",
-                        help="prompt rendering for the teacher: raw, plain = question + the paper's \\boxed{} "
-                             "suffix (default), chat = the teacher tokenizer's chat template")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0; 0 = greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
-    parser.add_argument("--max-tokens", type=int, default=1024, help="longest response in tokens (default 1024)")
-    parser.add_argument("--seed", type=int, help="sampling seed (default: fresh randomness)")
-    parser.add_argument("--batch-problems", type=int, default=16, help="problems per engine call and journal "
-                                                                       "write (default 16)")
     parser.set_defaults(handler=make_references_command)
 
 
@@ -73,7 +51,6 @@ def make_references_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"nemo-paced make-references: {e}", file=sys.stderr)
         return 2
-    args.model = args.teacher  # build_engine's name for the model directory
     engine = build_engine(args)
 
     def progress(done: int, total: int) -> None:
@@ -81,7 +58,7 @@ def make_references_command(args: argparse.Namespace) -> int:
 
     try:
         summary = make_references(engine, problems, verifier, args.out, config,
-                                  settings={"teacher": args.teacher, "verifier": args.verifier}, progress=progress)
+                                  settings={"teacher": args.model, "verifier": args.verifier}, progress=progress)
     except ValueError as e:
         print(f"nemo-paced make-references: {e}", file=sys.stderr)
         return 2

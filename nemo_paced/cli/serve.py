@@ -10,14 +10,16 @@ import sys
 from nemo_paced.rollout import TOKEN_ENV
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Engine and sampling options shared with `nemo-paced eval`."""
+def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: str = "--model") -> None:
+    """Engine, sampling and problem-set options shared by serve-rollouts, eval and make-references
+    (which names the model `--teacher`); the model directory always lands in `args.model`."""
     parser.add_argument("--engine", choices=["hf", "vllm", "openai"], default="hf",
                         help="hf: transformers (CPU or GPU); vllm: in-process vLLM (production); openai: a "
                              "separate `vllm serve` at --openai-url (reloads need VLLM_SERVER_DEV_MODE=1 there). "
                              "Default hf")
-    parser.add_argument("--model", required=True, help="model directory (Hugging Face format, safetensors); "
-                                                       "with --engine openai, the one the server was started from")
+    parser.add_argument(model_flag, dest="model", required=True,
+                        help="model directory (Hugging Face format, safetensors); "
+                             "with --engine openai, the one the server was started from")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     parser.add_argument("--dtype", default=None, help="weights dtype (hf default float32, vllm default auto)")
     parser.add_argument("--device", help="hf engine device (default cuda if available, else cpu)")
