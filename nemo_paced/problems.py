@@ -61,10 +61,15 @@ def content_id(prompt: str, answer: str) -> str:
 
 
 def load_problems(source: str | Path, *, fields: FieldMap = FieldMap(), split: str = "train",
-                  limit: int | None = None) -> list[Problem]:
-    """Load and validate a problem set; raises ProblemFormatError naming the row and field."""
+                  limit: int | None = None, dedupe: bool = False) -> list[Problem]:
+    """Load and validate a problem set; raises ProblemFormatError naming the row and field.
+
+    `dedupe` drops rows whose question and answer repeat an earlier row (raw DAPO-Math-17k repeats
+    each problem under new ids); the first row's id is kept.
+    """
     problems: list[Problem] = []
     seen: dict[str, int] = {}
+    seen_content: set[str] = set()
     for row_number, row in _rows(source, split):
         if limit is not None and len(problems) >= limit:
             break
@@ -73,6 +78,11 @@ def load_problems(source: str | Path, *, fields: FieldMap = FieldMap(), split: s
             raise ProblemFormatError(f"{where}: expected an object, got {type(row).__name__}")
         prompt = _text(_lookup(row, fields.prompt, where, "prompt", required=True), where, "prompt")
         answer = _text(_lookup(row, fields.answer, where, "answer", required=True), where, "answer")
+        if dedupe:
+            content = content_id(prompt, answer)
+            if content in seen_content:
+                continue
+            seen_content.add(content)
         raw_id = _lookup(row, fields.id, where, "id", required=False)
         problem_id = content_id(prompt, answer) if raw_id is None else _text(raw_id, where, "id")
         if problem_id in seen:

@@ -96,3 +96,27 @@ def test_render_chat_template_with_a_real_tokenizer():
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
     text = render_prompt(Problem("a", "Q?", "1"), "chat", tokenizer)
     assert text == f"<user>Q?\n{PAPER_SUFFIX}</user><assistant>"
+
+
+def test_dedupe_drops_repeated_problems_keeping_the_first_id(tmp_path):
+    rows = [{"id": "a", "question": "1+1?", "answer": "2"}, {"id": "b", "question": "1+1?", "answer": "2"},
+            {"id": "c", "question": "1+1?", "answer": "3"}]
+    path = _jsonl(tmp_path / "p.jsonl", rows)
+    assert [p.id for p in load_problems(path, dedupe=True)] == ["a", "c"]
+    assert [p.id for p in load_problems(path)] == ["a", "b", "c"]
+
+
+def test_prepare_command_writes_normalised_deduplicated_problems(tmp_path, capsys):
+    from nemo_paced.cli import main
+
+    rows = [{"prompt": [{"role": "user", "content": "Solve x."}], "reward_model": {"ground_truth": "4"},
+             "extra_info": {"index": i}} for i in range(3)]
+    source = _jsonl(tmp_path / "dapo.jsonl", rows)
+    out = tmp_path / "out" / "problems.jsonl"
+    assert main(["problems", "prepare", str(source), "--dedupe", "--out", str(out)]) == 0
+    assert f"{out}: 1 problems" in capsys.readouterr().out
+    assert load_problems(out) == [Problem("0", "Solve x.", "4")]
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
+    assert main(["problems", "prepare", str(bad), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "row 1: field 'answer': missing" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
