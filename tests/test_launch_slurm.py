@@ -66,6 +66,15 @@ def test_a_failed_stage_leaves_its_dependents_unrun_and_status_names_it(slurm, t
     assert "failing on purpose: PACED_FAIL_STAGE=stage1" in log.read_text()
 
 
+def logs(cluster: SlurmCluster, run: Path) -> str:
+    """Every job log of the chain and the controller's log, for the message of a failed assertion."""
+    parts = [f"--- {path.name}\n{path.read_text(errors='replace')}" for path in sorted((run / "logs").glob("*.out"))]
+    controller = cluster.root / "log" / "slurmctld.log"
+    if controller.exists():
+        parts.append(f"--- slurmctld.log (last 40 lines)\n" + "\n".join(controller.read_text().splitlines()[-40:]))
+    return "\n".join(parts)
+
+
 def times(cluster: SlurmCluster, job_id: str) -> tuple[str, str]:
     job = cluster.job(job_id)
     return job["StartTime"], job["EndTime"]  # ISO timestamps: text order is time order
@@ -81,6 +90,10 @@ def preempt_when_checkpointed(cluster: SlurmCluster, job_id: str, checkpoint: Pa
         time.sleep(0.5)
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
     cluster.wait([job_id], timeout=120, states={"PENDING"})
+    # slurmd revokes the old run's credential with a one-second timestamp and refuses any credential
+    # issued in that same second ("Job credential revoked", and the job ends FAILED): start the new
+    # run two seconds later, not at once.
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
@@ -93,7 +106,8 @@ def test_the_chain_runs_in_order_and_a_preempted_stage_resumes(slurm, tiny, tmp_
     wall = time.monotonic() - started
     print(f"\ntwo-stage tiny chain on the local SLURM: {wall:.0f} s from submission to the last job's end")
 
-    assert {s: states[ids[s]] for s in STAGES} == {**{s: "COMPLETED" for s in STAGES}, "rollouts": "CANCELLED"}
+    assert {s: states[ids[s]] for s in STAGES} == {**{s: "COMPLETED" for s in STAGES}, "rollouts": "CANCELLED"}, \
+        logs(slurm, run)
     report = status(slurm, run)
     assert report.returncode == 0 and report.stdout.rstrip().endswith("COMPLETED"), report.stdout
     # in order: each job started after the jobs it depends on ended
@@ -132,6 +146,6 @@ def test_the_nemo_run_launcher_submits_the_chain_to_the_same_slurm(slurm, tiny, 
         assert slurm.job(job_id)["JobName"] == f"paced-{stage}"
     states = slurm.wait([job_id for _, job_id, _ in jobs], timeout=900)
     assert [states[job_id] for _, job_id, _ in jobs] == ["COMPLETED" if s != "rollouts" else "CANCELLED"
-                                                         for s in STAGES]
+                                                         for s in STAGES], logs(slurm, run)
     assert status(slurm, run).returncode == 0
     assert json.loads((run / "eval.json").read_text())["benchmarks"]
