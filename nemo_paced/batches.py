@@ -109,6 +109,15 @@ def collate(rows: Sequence[Row], weights: Sequence[float], problem_ids: Sequence
     }
 
 
+def leading_rows_for_tokens(batch: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """The batch's first rows whose weighted response tokens add up closest to `tokens` (at least
+    one row). A step then trains on a fixed token count whatever the sequence lengths, as packed
+    sequences do in Megatron, so methods that favour short or long problems get the same budget."""
+    per_row = (batch["loss_mask"].sum(dim=1) * (batch["sample_weight"] > 0)).cumsum(dim=0)
+    rows = int(torch.argmin((per_row - tokens).abs())) + 1
+    return {key: value[:rows] for key, value in batch.items()}
+
+
 class BatchBuilder:
     """Tokenises text with one tokenizer and builds micro-batches of one sequence length.
 

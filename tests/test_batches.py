@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_paced.batches import BatchBuilder, Pair, SequenceTooLong, encode_row
+from nemo_paced.batches import BatchBuilder, Pair, SequenceTooLong, collate, encode_row, leading_rows_for_tokens
 from nemo_paced.tasks.tokenizer import char_tokenizer
 
 PAD = 0
@@ -102,3 +102,13 @@ def test_layout_gives_the_same_loss_as_transformers_labels():
             expected.append((model(input_ids=ids, labels=labels).loss, len(pair.response_ids)))
     reference = sum(loss * n for loss, n in expected) / sum(n for _, n in expected)
     assert np.isclose(ours.item(), reference.item(), rtol=1e-5)
+
+
+def test_a_token_budget_keeps_the_leading_rows_closest_to_it():
+    rows = [encode_row([2, 3], list(range(4, 4 + n)), seq_length=8, pad_id=0) for n in (3, 2, 4, 1)]
+    batch = collate(rows, [1.0, 0.0, 1.0, 1.0], ["a", "b", "c", "d"])  # weighted tokens 3, 0, 4, 1: 3, 3, 7, 8
+    assert leading_rows_for_tokens(batch, 6)["problem_ids"] == ["a", "b", "c"]  # 7 is nearer 6 than 3
+    assert leading_rows_for_tokens(batch, 8)["tokens"].shape == (4, 8)
+    assert leading_rows_for_tokens(batch, 100)["problem_ids"] == ["a", "b", "c", "d"]  # never more than drawn
+    one = leading_rows_for_tokens(batch, 1)
+    assert one["problem_ids"] == ["a"] and one["sample_weight"].tolist() == [1.0]  # never an empty step

@@ -39,7 +39,7 @@ def _run(final: dict, start: dict) -> dict:
     return {"history": {"evals": [{"step": 0, "accuracy": start}, {"step": 10, "accuracy": final}],
                         "passrates": passrates},
             "draws": {"distinct": 4, "total": 40, "per_drawn_problem": 10.0, "max": 12, "pool": 6},
-            "tokens": 100, "sequences": 40}
+            "tokens": 100, "sequences": 40, "config": {"schedule": {"total_steps": 10}, "tokens_per_step": 10}}
 
 
 def test_report_states_per_seed_results_and_an_honest_verdict(tmp_path):
@@ -64,6 +64,7 @@ def test_report_states_per_seed_results_and_an_honest_verdict(tmp_path):
     assert "(1 of 2 seeds better)" in report["verdict"]
     text = format_table(report)
     assert "paced" in text and "44.5" in text and "draws/kept" in text and report["verdict"] in text
+    assert "budget of every run: 10 steps x 10 response tokens per step" in text
     json.dumps(report)  # the report is plain JSON
 
     from nemo_paced.demo.plots import write_plots
@@ -101,6 +102,10 @@ def test_micro_demo_runs_end_to_end_over_http(tmp_path):
     assert set(report["methods"]) == set(METHODS)
     for method in report["methods"].values():
         assert method["curve"]["steps"] == [0, 2, 4]
+    budget = report["budget"]["tokens_per_step"]  # 8 sequences of the mean reference length
+    for name in METHODS:
+        steps = json.loads((tmp_path / "out" / "runs" / f"{name}-seed0" / "result.json").read_text())["history"]["steps"]
+        assert all(abs(s["tokens"] - budget) <= 3 for s in steps), (name, budget, steps)
     assert (tmp_path / "out" / "report.json").exists() and (tmp_path / "out" / "prepared.json").exists()
     assert json.loads((tmp_path / "out" / "runs" / "paced-seed0" / "result.json").read_text())["status"] == "done"
 

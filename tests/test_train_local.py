@@ -102,6 +102,22 @@ def test_paced_weights_decide_which_problems_are_trained(setup, tmp_path):
     assert paced["draws"]["total"] == band["draws"]["total"] == 4 * 8  # same budget in sequences
 
 
+def test_a_token_budget_per_step_gives_every_step_the_same_tokens(setup, tmp_path):
+    """With tokens_per_step, both stages train each step on the leading drawn sequences that hold
+    the budget (to within half a sequence), whatever the lengths of references and samples."""
+    schedule = TwoStageSchedule(total_steps=4, fkl_fraction=0.5)
+    with loopback_service(setup["student"], _all_problems(setup), tmp_path / "service", max_tokens=4) as url:
+        result = train(_config(setup, tmp_path / "run", url, schedule=schedule, batch_size=16, tokens_per_step=12,
+                               final_estimate=False))
+    steps = result["history"]["steps"]
+    assert [s["stage"] for s in steps] == ["fkl", "fkl", "rkl", "rkl"]
+    longest = 4 + 1  # max_tokens and EOS
+    assert all(abs(s["tokens"] - 12) <= longest / 2 for s in steps), steps
+    assert all(s["kept"] < 16 for s in steps)  # trimmed: 16 sequences of >= 1 token would overshoot
+    assert result["tokens"] == sum(s["tokens"] for s in steps)
+    assert result["draws"]["total"] == result["sequences"] == sum(s["kept"] for s in steps)  # only used rows
+
+
 def test_signal_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(setup, tmp_path):
     schedule = TwoStageSchedule(total_steps=6, fkl_fraction=0.5)
     with loopback_service(setup["student"], _all_problems(setup), tmp_path / "a", max_tokens=4) as url:

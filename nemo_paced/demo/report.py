@@ -60,6 +60,8 @@ def build_report(config, table: PassRateTable, snr: list[dict[str, Any]], runs: 
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
                    f"Python {platform.python_version()}",
         "config": jsonable(asdict(config)),
+        "budget": {"steps": first["config"]["schedule"]["total_steps"],
+                   "tokens_per_step": first["config"]["tokens_per_step"]},
         "timings_s": timings,
         "references": {"problems": references.problems, "with_reference": references.with_reference},
         "start": {"accuracy": start_accuracy, "at_zero": at_zero, "at_one": at_one,
@@ -109,13 +111,17 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"start: {100 * report['start']['at_zero']:.0f}% of the pool at p=0, "
                  f"{100 * report['start']['at_one']:.0f}% at p=1; histogram of K*p: {report['start']['histogram']}")
-    lines.append(f"{'method':<12}{'p in {0,1} over time (%)':<40}{'kept':>8}{'draws/kept':>12}{'tokens':>10}")
+    budget = report["budget"]
+    lines.append(f"budget of every run: {budget['steps']} steps x {budget['tokens_per_step'] or 'all'} response "
+                 f"tokens per step")
+    lines.append(f"{'method':<12}{'p in {0,1} over time (%)':<40}{'kept':>8}{'draws/kept':>12}{'tokens':>10}"
+                 f"{'sequences':>11}")
     for name, m in methods.items():
         seed = next(iter(m["passrates"]))
         extremes = " ".join(f"{100 * (e['at_zero'] + e['at_one']):.0f}" for e in m["passrates"][seed])
         draws = m["draws"][seed]
         lines.append(f"{name:<12}{extremes:<40}{draws['distinct']:>8}{draws['per_drawn_problem']:>12.1f}"
-                     f"{m['tokens'][seed]:>10}")
+                     f"{m['tokens'][seed]:>10}{m['sequences'][seed]:>11}")
     lines.append("(first seed; 'kept' = distinct problems drawn, 'tokens' = response tokens with weight > 0)")
     lines.append("")
     lines.append(report["verdict"])

@@ -3,7 +3,9 @@
 It drives the same pieces as the Megatron path: pass rates from the rollout service (over HTTP),
 the `PacedSampler`, the Paced KL (`vocab_parallel_kl` + `paced_reduce`, normalised over the
 batch), teacher references for stage 1 and the student's own samples for stage 2, on the
-`TwoStageSchedule`. The student's weights are pushed to the service whenever pass rates are
+`TwoStageSchedule`. A step trains on `batch_size` drawn sequences, or, with `tokens_per_step`, on
+the leading drawn sequences that hold that many response tokens, so runs that favour short or
+long problems can be compared at equal token budgets. The student's weights are pushed to the service whenever pass rates are
 re-estimated, on-policy samples are drawn, or the student is evaluated, so the service always
 samples from the model being trained.
 
@@ -58,7 +60,8 @@ class LocalTrainConfig:
     out_dir: str
     schedule: TwoStageSchedule = field(default_factory=lambda: TwoStageSchedule(total_steps=200))
     weighting: WeightConfig = field(default_factory=WeightConfig)
-    batch_size: int = 64
+    batch_size: int = 64  # sequences drawn per step; with tokens_per_step, the most a step may use
+    tokens_per_step: int = 0  # > 0: each step trains on the drawn sequences' first ~N response tokens
     lr: float = 1e-3
     warmup_steps: int = 10
     grad_clip: float = 1.0
@@ -80,8 +83,9 @@ class LocalTrainConfig:
         for name in ("lr", "kl_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.eval_every < 0 or self.warmup_steps < 0:
-            raise ValueError("eval_every and warmup_steps must be >= 0")
+        for name in ("eval_every", "warmup_steps", "tokens_per_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def train(config: LocalTrainConfig) -> dict[str, Any]:
@@ -216,14 +220,19 @@ class _Run:
     # --- data -----------------------------------------------------------------------------------
 
     def _next_batch(self, stage: StageName) -> dict[str, Any]:
-        from nemo_paced.batches import Pair
+        from nemo_paced.batches import leading_rows_for_tokens
 
         c = self.config
         if self.sampler_stage != stage:
             self._make_sampler(stage)
-        if stage == "fkl":
-            return next(self.sampler)
-        draw = next(self.sampler)
+        batch = next(self.sampler) if stage == "fkl" else self._on_policy_batch(next(self.sampler))
+        return leading_rows_for_tokens(batch, c.tokens_per_step) if c.tokens_per_step else batch
+
+    def _on_policy_batch(self, draw) -> dict[str, Any]:
+        """The student's own samples for the drawn problems, from the service, as a micro-batch."""
+        from nemo_paced.batches import Pair
+
+        c = self.config
         if (self.step - c.schedule.switch_step) % c.rkl_sync_every == 0:
             self._push()
         rollouts = self.client.sample(draw.problem_ids, n=1, seed=c.seed * 1_000_003 + self.step, fold=True)
