@@ -3,8 +3,13 @@
 Steps: build the task splits and the tiny teacher and student (cached), start the rollout service
 on loopback with the starting student, estimate pass rates over HTTP, build verified teacher
 references, measure the gradient SNR per pass-rate bin, then train every method for every seed
-from the same starting student under the same budget (steps x batch size) with
-`nemo_paced.train.local`, and evaluate each (mean accuracy over 8 samples per problem).
+from the same starting student under the same token budget with `nemo_paced.train.local`, and
+evaluate each (mean accuracy over 8 samples per problem).
+
+The budget: every step of every method trains on the same number of response tokens,
+`batch_size` x the mean teacher-reference length over the pool (to within half a sequence), taking
+the drawn sequences in order from a draw of up to 2 x `batch_size`. A method that favours short
+problems trains on more sequences per step, not on fewer tokens.
 
 Methods (all with pass rates re-estimated every `refresh_every` steps where they use them):
   paced       PACED weights w = p(1-p), forward KL then reverse KL (the paper's two-stage setting)
@@ -39,12 +44,12 @@ class DemoConfig:
         steps=600, level_weights={level: 1.0 for level in range(1, 7)}, seed=1))
     student: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(layers=2, hidden=32, heads=2))
     student_pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
-        steps=250, level_weights={1: 0.4, 2: 0.3, 3: 0.2, 4: 0.1}, seed=2))
+        steps=600, level_weights={1: 0.4, 2: 0.3, 3: 0.2, 4: 0.1}, seed=2))
     pool_per_level: int = 400
     test_per_level: int = 40
     retained_size: int = 100
     steps: int = 300
-    batch_size: int = 64
+    batch_size: int = 64  # sequences per step at the pool's mean reference length (sets the token budget)
     lr: float = 1e-3
     fkl_fraction: float = 0.5
     refresh_every: int = 100
@@ -145,6 +150,8 @@ def run_demo(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], No
                                                           max_tokens=prepared.max_tokens, batch_problems=256))
     say(f"teacher references: {summary.report()}")
     timings["references"] = time.perf_counter() - mark
+    tokens_per_step = token_budget_per_step(config, references)
+    say(f"budget for every method: {config.steps} steps x {tokens_per_step} response tokens")
 
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in config.methods}
     with loopback_service(prepared.student, problems, out / "service", k=config.k,
@@ -173,7 +180,8 @@ def run_demo(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], No
                 train_config = LocalTrainConfig(
                     student=prepared.student, teacher=prepared.teacher, problems=prepared.problems,
                     references=str(references), passrates=str(out / "passrates_start.jsonl"), rollout=url,
-                    out_dir=str(run_dir), batch_size=config.batch_size, lr=config.lr,
+                    out_dir=str(run_dir), batch_size=2 * config.batch_size, tokens_per_step=tokens_per_step,
+                    lr=config.lr,
                     seq_length=config.task.prompt_width + prepared.max_tokens, eval_every=config.eval_every,
                     eval_samples=config.eval_samples, rkl_sync_every=config.rkl_sync_every,
                     checkpoint_every=max(config.steps // 2, 1), seed=seed,
@@ -189,6 +197,14 @@ def run_demo(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], No
     report = build_report(config, table, snr, runs, timings, summary)
     atomic_write_json(out / "report.json", report)
     return report
+
+
+def token_budget_per_step(config: DemoConfig, references: Path) -> int:
+    """`batch_size` sequences of the pool's mean teacher-reference length, in response tokens."""
+    from nemo_paced.references import load_references
+
+    lengths = [len(refs[0].token_ids) for refs in load_references(references).values()]
+    return max(1, round(config.batch_size * sum(lengths) / len(lengths)))
 
 
 def _with_meta(problem: Problem, **meta: Any) -> Problem:
