@@ -152,6 +152,11 @@ class OnPolicyBatches:
         self._exhausted = None
         self.sampler.load_state_dict(state)
 
+    def seek(self, step: int) -> None:
+        self._drop_pending()
+        self._exhausted = None
+        self.sampler.seek(step)
+
     def close(self) -> None:
         self._drop_pending()
         if self._executor is not None:

@@ -281,6 +281,14 @@ class PacedSampler:
                 "newest_step": self._newest_step, "extremes": list(self._extremes),
                 "weights": None if self._weights is None else self._weights.tolist()}
 
+    def seek(self, step: int) -> None:
+        """Continue at global batch `step` when no saved state is at hand (a job resumed from a
+        checkpoint the sampler state was not saved with): the draws are then those of `step` under
+        the table loaded next, so no batch is replayed, but the table may be newer than it was."""
+        if step < self.config.first_step:
+            raise ValueError(f"cannot seek to step {step}, before the sampler's first step {self.config.first_step}")
+        self._step, self._micro, self._batch, self._weights, self._distribution = step, 0, None, None, None
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a sampler state (format {state.get('format')!r})")

@@ -7,6 +7,7 @@
 - `data`: the step's micro-batches read before the schedule runs (collectives in the data stream
   would deadlock pipeline stages inside it), and pass rates added for the report.
 - `publish`: atomic publication of exported student checkpoints for the rollout service.
+- `resume`: the data stream's state saved beside Megatron checkpoints and restored on resume.
 - `bridge`: Megatron Bridge glue (providers, the refresh callback, the training entry); Bridge is
   imported only there, and only when called.
 

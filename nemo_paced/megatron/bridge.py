@@ -12,7 +12,8 @@ this module only where Bridge is installed. The pieces, as a recipe assembles th
 - `PacedCallback`: reads each step's micro-batches before the schedule runs (`data.StepBuffer`),
   and every `refresh_every` steps exports the student in Hugging Face format into a new directory
   that appears atomically, has the rollout service load it and queue a new pass-rate estimate;
-  the sampler picks the refreshed table up at its next refresh boundary.
+  the sampler picks the refreshed table up at its next refresh boundary. It saves the data
+  stream's state at every checkpointed step and restores it when a job resumes (`resume`).
 - `train(config)`: `pretrain(config, PacedForwardStep(), callbacks=[PacedCallback()])`.
 """
 
@@ -43,6 +44,7 @@ from nemo_paced.batches import BatchBuilder
 from nemo_paced.megatron.criterion import Stage, paced_criterion, parse_stage
 from nemo_paced.megatron.data import StepBuffer, WithPassRates
 from nemo_paced.megatron.publish import prepare, publish, step_dirs
+from nemo_paced.megatron.resume import restore_stream, save_stream_state
 from nemo_paced.megatron.step import PacedForwardStep
 from nemo_paced.megatron.teacher import check_frozen, check_tokenizers, check_vocab
 from nemo_paced.onpolicy import OnPolicyBatches, SamplingSettings
@@ -121,7 +123,7 @@ class PacedDataset(DatasetProvider):
             raise ValueError("the fkl stage trains on teacher references: set dataset.references")
         collate = ReferenceBatches(problems, load_references(self.references), builder, self.template) if fkl else None
         # Every rank runs this (Bridge builds custom datasets on all ranks), so the groups can be made here.
-        reads = parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
+        reads = _reads_data()
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         readers = reader_group(reads)
         replica = reader_group(reads, replica=dp_rank)
@@ -129,31 +131,39 @@ class PacedDataset(DatasetProvider):
                                refresh_every=self.refresh_every)
         sampler = PacedSampler(collate.problem_ids if fkl else [p.id for p in problems], config,
                                client.refresh_table, dp_rank=dp_rank, dp_size=dp_size, group=readers, collate=collate)
-        source = sampler if fkl else OnPolicyBatches(
+        self.source = sampler if fkl else OnPolicyBatches(
             sampler, client, builder, sampling=SamplingSettings(max_tokens=self.max_response_tokens), group=replica)
-        self.stream = StepBuffer(WithPassRates(source, client, self.refresh_every * sampler.micro_batches_per_step))
+        self.stream = StepBuffer(WithPassRates(self.source, client,
+                                               self.refresh_every * sampler.micro_batches_per_step))
         return self.stream, None, None
 
 
 # --- callback ----------------------------------------------------------------------------------
 
 class PacedCallback(Callback):
-    """Checks the teacher is frozen at the start; before each step, reads the step's micro-batches
-    on the ranks that read data (see `data.StepBuffer`); every `dataset.refresh_every` steps, exports
-    the student (Hugging Face format) to `export_dir/step-NNNNNNN`, has the rollout service load it
-    and queues a new estimate."""
+    """Checks the teacher is frozen at the start and puts the data stream where a resumed job
+    continues (`resume`); before each step, reads the step's micro-batches on the ranks that read
+    data (see `data.StepBuffer`); after each step, saves the stream's state beside the checkpoints;
+    every `dataset.refresh_every` steps, exports the student (Hugging Face format) to
+    `export_dir/step-NNNNNNN`, has the rollout service load it and queues a new estimate."""
 
     def on_train_start(self, context: CallbackContext) -> None:
         check_frozen(unwrap_model(context.model[0]))
+        if _reads_data():
+            checkpoint = context.state.cfg.checkpoint
+            restore_stream(context.state.cfg.dataset.source, checkpoint.load or checkpoint.save,
+                           context.state.train_state.step)
 
     def on_train_step_start(self, context: CallbackContext) -> None:
-        if parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage():
+        if _reads_data():
             from megatron.core.num_microbatches_calculator import get_num_microbatches
 
             context.state.cfg.dataset.stream.fill(get_num_microbatches())
 
     def on_train_step_end(self, context: CallbackContext) -> None:
-        dataset = context.state.cfg.dataset
+        dataset, checkpoint = context.state.cfg.dataset, context.state.cfg.checkpoint
+        if checkpoint.save and dist.get_rank() == 0:  # every DP replica's stream is at the same position
+            save_stream_state(checkpoint.save, dataset.source.state_dict(), checkpoint.save_interval)
         step = context.state.train_state.step
         if step % dataset.refresh_every:
             return
@@ -184,6 +194,10 @@ def export_student(model_chunks: list, config, export_dir: Path, step: int) -> P
         publish(partial, final)
     dist.barrier()
     return final
+
+
+def _reads_data() -> bool:
+    return parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage()
 
 
 # --- entry -------------------------------------------------------------------------------------
