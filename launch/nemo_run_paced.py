@@ -19,15 +19,8 @@ import argparse
 import os
 import shlex
 import sys
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-# How the recipe's config names the chain's files; the placeholders are paced_two_stage.sh's.
-DEFAULT_TRAIN_KEYS = ("student={init} teacher={teacher} problems={problems} references={references} "
-                      "passrates={passrates} rollout={service} out_dir={out}")
-PLACEHOLDERS = {"run", "stage", "objective", "out", "init", "teacher", "problems", "references", "passrates",
-                "service", "split"}
 
 
 @dataclass
@@ -44,7 +37,6 @@ class ChainConfig:
     engine: str = "vllm"
     eval_engine: str = "hf"
     stage_split: float = 0.5
-    train_keys: str = DEFAULT_TRAIN_KEYS
     train_args: list[str] = field(default_factory=list)
     service_args: list[str] = field(default_factory=list)
     reference_args: list[str] = field(default_factory=list)
@@ -73,11 +65,9 @@ class ChainConfig:
         for name in ("gpus_per_node", "aux_gpus", "max_requeues"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0.0 <= self.stage_split <= 1.0:
-            raise ValueError(f"stage_split must be a fraction in [0, 1], got {self.stage_split}")
-        unknown = set(re.findall(r"\{(\w*)\}", self.train_keys)) - PLACEHOLDERS
-        if unknown:
-            raise ValueError(f"train_keys has unknown placeholders: {', '.join(sorted(unknown))}")
+        if not 0.0 < self.stage_split < 1.0:
+            raise ValueError(f"stage_split must be a fraction strictly between 0 and 1 (both stages train), "
+                             f"got {self.stage_split}")
         if "/nemo_run" in str(self.run_dir):  # NeMo-Run rewrites that string in its batch scripts
             raise ValueError(f"the run directory must not contain '/nemo_run', got {self.run_dir}")
         for name, value in (("engine", self.engine), ("eval_engine", self.eval_engine)):
@@ -94,13 +84,11 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
         return "exec nemo-paced " + " ".join(q(a) for a in args)
 
     def train(stage: str, objective: str, init: str) -> str:
-        place = {"run": run, "stage": stage, "objective": objective, "out": f"{run}/{stage}", "init": init,
-                 "teacher": cfg.teacher, "problems": cfg.problems, "references": f"{run}/references.jsonl",
-                 "passrates": f"{run}/rollouts/passrates.jsonl", "service": f"{run}/rollouts.addr",
-                 "split": str(cfg.stage_split)}
-        overrides = [word.format_map(place) for word in cfg.train_keys.split()]
+        files = ["--init", init, "--teacher", cfg.teacher, "--problems", cfg.problems,
+                 "--references", f"{run}/references.jsonl", "--passrates", f"{run}/rollouts/passrates.jsonl",
+                 "--service", f"{run}/rollouts.addr", "--out", f"{run}/{stage}", "--split", str(cfg.stage_split)]
         ranks = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS\n"
-        return ranks + paced("train", "--recipe", cfg.recipe, "--stage", objective, *overrides, *cfg.train_args)
+        return ranks + paced("train", "--recipe", cfg.recipe, "--stage", objective, *files, *cfg.train_args)
 
     estimate = ("estimate", "--service", f"{run}/rollouts.addr")
     # The service needs a while to load its model before it publishes its address.
@@ -210,11 +198,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
     p.add_argument("--engine", default=env("PACED_ENGINE", "vllm"), help="rollout engine hf|vllm (default vllm)")
     p.add_argument("--eval-engine", default=env("PACED_EVAL_ENGINE", "hf"), help="evaluation engine (default hf)")
     p.add_argument("--stage-split", type=float, default=float(env("PACED_STAGE_SPLIT", "0.5")),
-                   help="fraction of the recipe's steps in stage 1 (default 0.5)")
-    p.add_argument("--train-keys", default=env("PACED_TRAIN_KEYS", DEFAULT_TRAIN_KEYS),
-                   help="the recipe's config keys for the chain's files, with {placeholders} (see "
-                        f"paced_two_stage.sh --help); default '{DEFAULT_TRAIN_KEYS}'")
-    p.add_argument("--train-args", default=env("PACED_TRAIN_ARGS", ""), help="extra recipe overrides 'k=v ...'")
+                   help="share of the recipe's training steps spent in stage 1, 0 < F < 1 (default 0.5)")
+    p.add_argument("--train-args", default=env("PACED_TRAIN_ARGS", ""),
+                   help="recipe config overrides 'k=v ...' for both training stages")
     p.add_argument("--service-args", default=env("PACED_SERVICE_ARGS", ""), help="extra serve-rollouts flags")
     p.add_argument("--reference-args", default=env("PACED_REFERENCE_ARGS", ""), help="extra make-references flags")
     p.add_argument("--eval-args", default=env("PACED_EVAL_ARGS", ""), help="extra eval flags")
@@ -252,7 +238,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
         cfg = ChainConfig(
             recipe=a.recipe, problems=local(a.problems), teacher=local(a.teacher), student=local(a.student),
             benchmarks=[local(b) for b in a.benchmarks.split()], run_dir=run_dir, k=a.k, engine=a.engine,
-            eval_engine=a.eval_engine, stage_split=a.stage_split, train_keys=a.train_keys, train_args=a.train_args.split(),
+            eval_engine=a.eval_engine, stage_split=a.stage_split, train_args=a.train_args.split(),
             service_args=a.service_args.split(), reference_args=a.reference_args.split(),
             eval_args=a.eval_args.split(),
             account=a.account, partition=a.partition, qos=a.qos, nodes=a.nodes, gpus_per_node=a.gpus_per_node,

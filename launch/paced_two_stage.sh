@@ -2,12 +2,8 @@
 # paced_two_stage.sh: submit PACED's two-stage chain to SLURM, or report on a submitted one.
 set -euo pipefail
 
-DEFAULT_TRAIN_KEYS="student={init} teacher={teacher} problems={problems} references={references} \
-passrates={passrates} rollout={service} out_dir={out}"
-
 usage() {
-  local text
-  text=$(cat <<'EOF'
+  cat <<'EOF'
 Usage:
   paced_two_stage.sh RECIPE [options]     submit the chain; prints the job ids and the run directory
   paced_two_stage.sh status RUN_DIR       state of every job; names a failed job and its log
@@ -35,14 +31,13 @@ Data and models:
   --k N                 PACED_K            rollouts per problem for the pass rates (default 8)
   --engine hf|vllm      PACED_ENGINE       engine of the rollout service and the references (default vllm)
   --eval-engine hf|vllm PACED_EVAL_ENGINE  evaluation engine (default hf)
-  --stage-split F       PACED_STAGE_SPLIT  fraction of the recipe's steps spent in stage 1 (default 0.5)
-  --train-keys '..'     PACED_TRAIN_KEYS   how the recipe's config names the chain's files: KEY=VALUE overrides
-                        with placeholders {run} {stage} {objective} {out} {init} {teacher} {problems}
-                        {references} {passrates} {service} {split}. {out} is RUN_DIR/stage1|stage2, {init}
-                        the student (stage 1) or RUN_DIR/stage1/final (stage 2), {objective} fkl|rkl.
-                        Default: the keys of the single-machine trainer (recipe tiny_cpu):
-                        '@DEFAULT_TRAIN_KEYS@'
-  --train-args 'k=v ..' PACED_TRAIN_ARGS   extra recipe overrides for both training stages
+  --stage-split F       PACED_STAGE_SPLIT  share of the recipe's training steps spent in stage 1, 0 < F < 1
+                                           (default 0.5)
+  --train-args 'k=v ..' PACED_TRAIN_ARGS   recipe config overrides for both training stages
+                        Training jobs run `nemo-paced train --recipe RECIPE --stage fkl|rkl --init .. --teacher ..
+                        --problems .. --references .. --passrates .. --service .. --out RUN_DIR/stage1|stage2
+                        --split F`: the recipe maps the chain's files onto its own config. Stage 2 starts from
+                        RUN_DIR/stage1/final, the student stage 1 exported in Hugging Face format.
   --service-args '..'   PACED_SERVICE_ARGS extra flags for `nemo-paced serve-rollouts` (e.g. '--template raw')
   --reference-args '..' PACED_REFERENCE_ARGS  extra flags for `nemo-paced make-references`
   --eval-args '..'      PACED_EVAL_ARGS    extra flags for `nemo-paced eval` (e.g. '--n 8 --max-tokens 2048')
@@ -75,8 +70,6 @@ Without an image, jobs inherit the submitting shell's environment: activate the 
 `nemo-paced` on PATH before submitting.
 `status` exits 0 when the chain completed, 1 when a job failed, 3 while it is still running.
 EOF
-  )
-  echo "${text//@DEFAULT_TRAIN_KEYS@/$DEFAULT_TRAIN_KEYS}"
 }
 
 die() { echo "paced_two_stage.sh: $*" >&2; exit 2; }
@@ -145,7 +138,7 @@ while [ $# -gt 0 ]; do
     --problems) PACED_PROBLEMS=$2 ;; --teacher) PACED_TEACHER=$2 ;; --student) PACED_STUDENT=$2 ;;
     --benchmarks) PACED_BENCHMARKS=$2 ;; --run-dir) PACED_RUN_DIR=$2 ;; --k) PACED_K=$2 ;;
     --engine) PACED_ENGINE=$2 ;; --eval-engine) PACED_EVAL_ENGINE=$2 ;;
-    --stage-split) PACED_STAGE_SPLIT=$2 ;; --train-args) PACED_TRAIN_ARGS=$2 ;; --train-keys) PACED_TRAIN_KEYS=$2 ;;
+    --stage-split) PACED_STAGE_SPLIT=$2 ;; --train-args) PACED_TRAIN_ARGS=$2 ;;
     --service-args) PACED_SERVICE_ARGS=$2 ;; --reference-args) PACED_REFERENCE_ARGS=$2 ;;
     --eval-args) PACED_EVAL_ARGS=$2 ;;
     --account) PACED_ACCOUNT=$2 ;; --partition) PACED_PARTITION=$2 ;; --qos) PACED_QOS=$2 ;;
@@ -162,7 +155,7 @@ while [ $# -gt 0 ]; do
   shift 2
 done
 
-: "${PACED_TRAIN_KEYS:=$DEFAULT_TRAIN_KEYS}" "${PACED_K:=8}" "${PACED_ENGINE:=vllm}" "${PACED_EVAL_ENGINE:=hf}" "${PACED_STAGE_SPLIT:=0.5}"
+: "${PACED_K:=8}" "${PACED_ENGINE:=vllm}" "${PACED_EVAL_ENGINE:=hf}" "${PACED_STAGE_SPLIT:=0.5}"
 : "${PACED_NODES:=1}" "${PACED_GPUS_PER_NODE:=8}" "${PACED_AUX_GPUS:=1}" "${PACED_TIME:=04:00:00}"
 : "${PACED_AUX_TIME:=02:00:00}" "${PACED_SERVICE_TIME:=1-00:00:00}" "${PACED_SIGNAL_SECONDS:=300}"
 : "${PACED_MAX_REQUEUES:=10}" "${PACED_SERVICE_WAIT:=1800}" "${PACED_RUN_DIR:=runs/$PACED_RECIPE-$(date +%Y%m%d-%H%M%S)}"
@@ -176,7 +169,8 @@ for var in PACED_K PACED_NODES PACED_GPUS_PER_NODE PACED_AUX_GPUS PACED_SIGNAL_S
 done
 [ -z "${PACED_CPUS_PER_TASK:-}" ] || [[ $PACED_CPUS_PER_TASK =~ ^[1-9][0-9]*$ ]] ||
   die "PACED_CPUS_PER_TASK must be a positive whole number, got '$PACED_CPUS_PER_TASK'"
-[[ $PACED_STAGE_SPLIT =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || die "PACED_STAGE_SPLIT must be a fraction in [0, 1], got '$PACED_STAGE_SPLIT'"
+[[ $PACED_STAGE_SPLIT =~ ^0?\.[0-9]*[1-9][0-9]*$ ]] ||
+  die "PACED_STAGE_SPLIT must be a fraction strictly between 0 and 1 (both stages train), got '$PACED_STAGE_SPLIT'"
 case $PACED_ENGINE in hf | vllm) ;; *) die "PACED_ENGINE must be hf or vllm, got '$PACED_ENGINE'" ;; esac
 case $PACED_EVAL_ENGINE in hf | vllm) ;; *) die "PACED_EVAL_ENGINE must be hf or vllm, got '$PACED_EVAL_ENGINE'" ;; esac
 if [ -n "${PACED_FAIL_STAGE:-}" ] && [[ " ${STAGES[*]} " != *" $PACED_FAIL_STAGE "* ]]; then
@@ -191,8 +185,6 @@ PACED_STUDENT=$(absolute "$PACED_STUDENT")
 read -r -a benchmarks <<<"$PACED_BENCHMARKS"
 for i in "${!benchmarks[@]}"; do benchmarks[i]=$(absolute "${benchmarks[i]}"); done
 PACED_BENCHMARKS=${benchmarks[*]}
-unknown=$(grep -o '{[a-z_]*}' <<<"$PACED_TRAIN_KEYS" | grep -vxE '\{(run|stage|objective|out|init|teacher|problems|references|passrates|service|split)\}' || true)
-[ -z "$unknown" ] || die "PACED_TRAIN_KEYS has unknown placeholders: ${unknown//$'\n'/ } (see --help)"
 mkdir_abs() { [ "$DRY_RUN" = 1 ] || mkdir -p "$1"; case $1 in /*) echo "${1%/}" ;; *) echo "$PWD/${1%/}" ;; esac; }
 RUN=$(mkdir_abs "$PACED_RUN_DIR")
 PACED_RUN_DIR=$RUN
@@ -220,7 +212,7 @@ small=(--nodes=1 --ntasks=1 --time=00:05:00)
 chain_env() {  # the settings every job reads, as a file bash can source
   local var
   for var in PACED_RECIPE PACED_RUN_DIR PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS PACED_K \
-    PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_KEYS PACED_TRAIN_ARGS PACED_SERVICE_ARGS PACED_REFERENCE_ARGS PACED_EVAL_ARGS PACED_IMAGE PACED_MOUNTS \
+    PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_ARGS PACED_SERVICE_ARGS PACED_REFERENCE_ARGS PACED_EVAL_ARGS PACED_IMAGE PACED_MOUNTS \
     PACED_SERVICE_HOST PACED_SERVICE_WAIT PACED_MAX_REQUEUES PACED_FAIL_STAGE; do
     printf '%s=%q\n' "$var" "${!var:-}"
   done

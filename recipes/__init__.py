@@ -1,9 +1,14 @@
-"""Training recipes by name: each is a function `fn(stage="fkl"|"rkl")` returning a training config.
+"""Training recipes by name: each is a function `fn(stage="fkl"|"rkl", files=StageFiles())` returning
+a training config.
 
 A Megatron Bridge `ConfigContainer` runs under Bridge (`nemo_paced.megatron.bridge.train`); a
 `nemo_paced.train.local.LocalTrainConfig` runs on the single-machine trainer. Names resolve to
 `module:function` import paths only when used, so listing them imports nothing, and any
 `module:function` path works in place of a name.
+
+`StageFiles` is how a launcher (the SLURM chain, `nemo-paced train --init ...`) tells any recipe
+where a stage's inputs and outputs are; each recipe maps them onto its own config keys, so the
+launchers need not know them.
 """
 
 from __future__ import annotations
@@ -11,6 +16,33 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class StageFiles:
+    """Where one training stage reads and writes; None keeps the recipe's default."""
+
+    init: str | None = None  # the student to start from: a Hugging Face directory
+    teacher: str | None = None  # the teacher: a Hugging Face directory
+    problems: str | None = None
+    references: str | None = None  # teacher references (the fkl stage trains on them)
+    passrates: str | None = None  # a saved pass-rate table (recipes that read one; Bridge asks the service)
+    service: str | None = None  # the rollout service's URL or address file
+    out: str | None = None  # the stage's output; the final student lands in OUT/final (Hugging Face format)
+    split: float | None = None  # share of the recipe's training steps spent in stage 1 (fkl)
+
+    def __post_init__(self) -> None:
+        if self.split is not None and not 0 < self.split < 1:
+            raise ValueError(f"split must lie strictly between 0 and 1 (both stages train), got {self.split}")
+
+    def stage_share(self, stage: str, total: int, default_split: float = 0.5) -> int:
+        """This stage's part of `total` steps."""
+        split = default_split if self.split is None else self.split
+        first = round(total * split)
+        steps = first if stage == "fkl" else total - first
+        if steps < 1:
+            raise ValueError(f"split {split} leaves stage {stage} none of the recipe's {total} steps")
+        return steps
 
 
 class UnknownRecipe(LookupError):

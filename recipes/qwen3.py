@@ -5,8 +5,9 @@ the one shared `paced_distillation_config`. Teacher and student load from Huggin
 `AutoBridge` and run on the same ranks with the same TP/PP layout (ModelOpt's requirement); the
 teacher is frozen and holds no optimizer state. Optimiser settings follow the paper's
 (lr 1e-6 constant, weight decay 0.1, gradient clipping 1.0, 128 sequences per step); prompt 2048 +
-response 8192 tokens fit in seq_length 10240. Everything can be changed with `key=value` overrides,
-e.g. `dataset.problems=/data/dapo17k.jsonl train.train_iters=2000`.
+response 8192 tokens fit in seq_length 10240. `nemo-paced train`'s file options say where the stage's
+files are (`recipes.StageFiles`), and everything else can be changed with `key=value` overrides,
+e.g. `train.global_batch_size=256`.
 
 Layouts (why these numbers):
 - Qwen3-8B -> Qwen3-1.7B, 1 node: TP=2 (both have 8 KV heads), PP=1, DP=4, sequence parallel.
@@ -25,6 +26,8 @@ Context parallelism stays 1: the Paced step needs whole sequences for its per-se
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from recipes import StageFiles
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,15 @@ class Layout:
 
 
 def paced_distillation_config(student_hf: str, teacher_hf: str, stage: str, layout: Layout, *, name: str,
-                              seq_length: int = 10240, global_batch_size: int = 128, train_iters: int = 1000,
-                              lr: float = 1e-6, temperature: float = 1.0,
-                              problems: str = "data/problems.jsonl", references: str = "runs/paced/references.jsonl",
-                              service: str = "runs/paced/rollouts/address.json"):
-    """The shared builder: a Bridge ConfigContainer distilling `teacher_hf` into `student_hf` for `stage`."""
+                              files: StageFiles = StageFiles(), seq_length: int = 10240,
+                              global_batch_size: int = 128, train_iters: int = 2000, lr: float = 1e-6,
+                              temperature: float = 1.0):
+    """The shared builder: a Bridge ConfigContainer distilling the teacher into the student for `stage`.
+
+    `train_iters` spans both stages (`files.split` of it in fkl, half by default). Both stages start
+    from Hugging Face weights: the fkl stage from `student_hf`, the rkl stage from the fkl stage's
+    final export (`OUT/final`), so the SLURM chain and two hand-run commands work alike.
+    """
     # first, so a machine without Bridge gets nemo_paced's clear ImportError
     from nemo_paced.megatron.bridge import PacedDataset, paced_distillation_provider
 
@@ -69,23 +76,28 @@ def paced_distillation_config(student_hf: str, teacher_hf: str, stage: str, layo
 
     stage = parse_stage(stage).value
     run_dir = f"runs/paced/{name}"
+    init = files.init or (student_hf if stage == Stage.FKL.value else f"{run_dir}/{Stage.FKL.value}/final")
+    teacher_hf = files.teacher or teacher_hf
+    out = files.out or f"{run_dir}/{stage}"
     config = qwen3_1p7b_pretrain_config()  # Bridge's defaults for the other sections; model and data replaced
-    student = AutoBridge.from_hf_pretrained(student_hf).to_megatron_provider(load_weights=True)
+    student = AutoBridge.from_hf_pretrained(init).to_megatron_provider(load_weights=True)
     teacher = AutoBridge.from_hf_pretrained(teacher_hf).to_megatron_provider(load_weights=True)
     for provider, stage_layers in ((student, layout.student_stage_layers), (teacher, layout.teacher_stage_layers)):
         layout.apply(provider, stage_layers)
         provider.seq_length = seq_length
         provider.pipeline_dtype = torch.bfloat16
     config.model = paced_distillation_provider(student, teacher, stage, temperature,
-                                               AutoTokenizer.from_pretrained(student_hf),
+                                               AutoTokenizer.from_pretrained(init),
                                                AutoTokenizer.from_pretrained(teacher_hf))
-    config.tokenizer.tokenizer_model = student_hf
-    config.dataset = PacedDataset(problems=problems, service=service, stage=stage, references=references,
-                                  student=student_hf, seq_length=seq_length, num_workers=0,
-                                  persistent_workers=False, pin_memory=False)
+    config.tokenizer.tokenizer_model = init
+    config.dataset = PacedDataset(problems=files.problems or "data/problems.jsonl",
+                                  service=files.service or f"{run_dir}/rollouts/address.json", stage=stage,
+                                  references=files.references or f"{run_dir}/references.jsonl", student=init,
+                                  seq_length=seq_length, export_dir=f"{out}/student_hf", final_dir=f"{out}/final",
+                                  num_workers=0, persistent_workers=False, pin_memory=False)
     config.train.global_batch_size = global_batch_size
     config.train.micro_batch_size = 1
-    config.train.train_iters = train_iters
+    config.train.train_iters = files.stage_share(stage, train_iters)
     config.validation.eval_iters = 0
     config.optimizer.lr = config.optimizer.min_lr = lr
     config.optimizer.weight_decay = 0.1
@@ -93,10 +105,7 @@ def paced_distillation_config(student_hf: str, teacher_hf: str, stage: str, layo
     config.scheduler.lr_warmup_iters = 0
     config.scheduler.lr_decay_style = "constant"
     config.ddp.average_in_collective = False  # required by per-token loss accounting: gradients are summed
-    config.checkpoint.save = f"{run_dir}/{stage}/checkpoints"
-    if stage == Stage.RKL.value:  # stage 2 starts from stage 1's student (weights only)
-        config.checkpoint.pretrained_checkpoint = f"{run_dir}/{Stage.FKL.value}/checkpoints"
-    config.dataset.export_dir = f"{run_dir}/{stage}/student_hf"
+    config.checkpoint.save = f"{out}/checkpoints"
     return config
 
 
@@ -104,13 +113,13 @@ PAIR_LAYOUT = Layout(tensor=2)
 FRONTIER_LAYOUT = Layout(tensor=4, pipeline=8, student_stage_layers=(3, 3), teacher_stage_layers=(11, 11))
 
 
-def qwen3_8b_to_1p7b_paced_8gpu_h100_bf16_config(stage: str = "fkl"):
+def qwen3_8b_to_1p7b_paced_8gpu_h100_bf16_config(stage: str = "fkl", files: StageFiles = StageFiles()):
     """The paper's pair: Qwen3-8B teacher -> Qwen3-1.7B student, 1 node of 8 H100 (TP2, DP4)."""
     return paced_distillation_config("Qwen/Qwen3-1.7B", "Qwen/Qwen3-8B", stage, PAIR_LAYOUT,
-                                     name="qwen3_8b_to_1p7b")
+                                     name="qwen3_8b_to_1p7b", files=files)
 
 
-def qwen3_235b_a22b_to_8b_paced_32gpu_h100_bf16_config(stage: str = "fkl"):
+def qwen3_235b_a22b_to_8b_paced_32gpu_h100_bf16_config(stage: str = "fkl", files: StageFiles = StageFiles()):
     """Frontier teacher: Qwen3-235B-A22B (MoE) -> Qwen3-8B student, 4 nodes of 8 H100 (TP4, PP8)."""
     return paced_distillation_config("Qwen/Qwen3-8B", "Qwen/Qwen3-235B-A22B", stage, FRONTIER_LAYOUT,
-                                     name="qwen3_235b_a22b_to_8b")
+                                     name="qwen3_235b_a22b_to_8b", files=files)

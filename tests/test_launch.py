@@ -119,12 +119,13 @@ def test_environment_variables_set_knobs_and_flags_win():
 
 @pytest.mark.parametrize("args, message", [
     (["--k", "eight"], "PACED_K must be a whole number, got 'eight'"),
-    (["--stage-split", "1.5"], "PACED_STAGE_SPLIT must be a fraction in [0, 1], got '1.5'"),
+    (["--stage-split", "1.5"], "PACED_STAGE_SPLIT must be a fraction strictly between 0 and 1 (both stages "
+                               "train), got '1.5'"),
+    (["--stage-split", "0"], "PACED_STAGE_SPLIT must be a fraction strictly between 0 and 1"),
     (["--engine", "trt"], "PACED_ENGINE must be hf or vllm, got 'trt'"),
     (["--fail-stage", "stage3"], "PACED_FAIL_STAGE must be one of"),
     (["--cpus-per-task", "0"], "PACED_CPUS_PER_TASK must be a positive whole number, got '0'"),
     (["--colour", "red"], "unknown option --colour"),
-    (["--train-keys", "a={out} b={nope}"], "PACED_TRAIN_KEYS has unknown placeholders: {nope}"),
     (["--nodes"], "--nodes needs a value"),
 ])
 def test_bad_settings_name_the_setting(args, message):

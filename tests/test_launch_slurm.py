@@ -80,15 +80,17 @@ def times(cluster: SlurmCluster, job_id: str) -> tuple[str, str]:
     return job["StartTime"], job["EndTime"]  # ISO timestamps: text order is time order
 
 
-def preempt_when_checkpointed(cluster: SlurmCluster, job_id: str, checkpoint: Path, timeout: float = 600) -> None:
-    """Once the job has saved a checkpoint, send the batch script what SLURM sends before the time
-    limit (--signal=B:USR1), then lift SLURM's two-minute hold on the requeued job."""
+def preempt_when_checkpointed(cluster: SlurmCluster, job_id: str, checkpoint: Path, timeout: float = 600,
+                              to_batch_script: bool = True) -> None:
+    """Once the job has saved a checkpoint, send what SLURM sends before the time limit: SIGUSR1 to
+    the batch script (--signal=B:USR1, our sbatch scripts) or to the job's steps (--signal=USR1,
+    NeMo-Run's template); then lift SLURM's two-minute hold on the requeued job."""
     deadline = time.monotonic() + timeout
     while not checkpoint.exists():
         assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), cluster.job(job_id)
         assert time.monotonic() < deadline, f"no checkpoint {checkpoint} after {timeout} s"
         time.sleep(0.5)
-    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    cluster.run("scancel", *(["--batch"] if to_batch_script else []), "--signal=USR1", job_id)
     cluster.wait([job_id], timeout=120, states={"PENDING"})
     # slurmd revokes the old run's credential with a one-second timestamp and refuses any credential
     # issued in that same second ("Job credential revoked", and the job ends FAILED): start the new
@@ -144,8 +146,14 @@ def test_the_nemo_run_launcher_submits_the_chain_to_the_same_slurm(slurm, tiny, 
     assert [stage for stage, _, _ in jobs] == STAGES, result.stdout
     for stage, job_id, _ in jobs:
         assert slurm.job(job_id)["JobName"] == f"paced-{stage}"
+    stage1 = dict((stage, job_id) for stage, job_id, _ in jobs)["stage1"]
+    # the time-limit warning reaches the trainer, which saves and exits non-zero; NeMo-Run's template requeues
+    preempt_when_checkpointed(slurm, stage1, run / "stage1" / "checkpoint.pt", to_batch_script=False)
     states = slurm.wait([job_id for _, job_id, _ in jobs], timeout=900)
     assert [states[job_id] for _, job_id, _ in jobs] == ["COMPLETED" if s != "rollouts" else "CANCELLED"
                                                          for s in STAGES], logs(slurm, run)
+    assert slurm.job(stage1)["Restarts"] == "1"
+    trained = json.loads((run / "stage1" / "result.json").read_text())
+    assert trained["status"] == "done" and len(trained["history"]["steps"]) == trained["config"]["schedule"]["total_steps"]
     assert status(slurm, run).returncode == 0
     assert json.loads((run / "eval.json").read_text())["benchmarks"]

@@ -98,3 +98,17 @@ def test_tiny_cpu_recipe_builds_with_overrides():
     bad = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--recipe", "tiny_cpu", "--stage", "fkl",
                           "schedule.total_step=10"], capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean schedule.total_steps" in bad.stderr
+
+
+def test_the_stage_files_reach_the_recipe_config_and_overrides_apply_after():
+    files = ["--init", "/w/stage1/final", "--teacher", "/m/t", "--problems", "/d/p.jsonl", "--references", "/w/r.jsonl",
+             "--passrates", "/w/pr.jsonl", "--service", "/w/addr", "--out", "/w/stage2", "--split", "0.8"]
+    out = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--recipe", "tiny_cpu", "--stage", "rkl",
+                          "--print-config", *files, "rollout=http://h:1"], capture_output=True, text=True,
+                         check=True).stdout
+    for text in ("student='/w/stage1/final'", "teacher='/m/t'", "problems='/d/p.jsonl'", "references='/w/r.jsonl'",
+                 "passrates='/w/pr.jsonl'", "out_dir='/w/stage2'", "rollout='http://h:1'", "total_steps=60"):
+        assert text in out, text  # rkl gets 20 % of the recipe's 300 steps
+    bad = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--recipe", "tiny_cpu", "--stage", "fkl",
+                          "--split", "1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "split must lie strictly between 0 and 1" in bad.stderr

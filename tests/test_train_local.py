@@ -174,13 +174,16 @@ def _signal_when(path: Path, signum: int = signal.SIGUSR1, timeout: float = 120.
     os.kill(os.getpid(), signum)
 
 
-def test_train_command_exits_non_zero_while_a_terminated_stage_is_unfinished(setup, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_train_command_exits_non_zero_while_a_signalled_stage_is_unfinished(setup, tmp_path, signum):
+    """SIGTERM (preemption, scancel) and SIGUSR1 (the time-limit warning) both leave the stage
+    unfinished: non-zero, so afterok dependents wait and NeMo-Run's template requeues the job."""
     from nemo_paced.cli.train import EXIT_PREEMPTED, run
 
     schedule = TwoStageSchedule(total_steps=12, fkl_fraction=1.0)  # long enough to stop well before the end
     with loopback_service(setup["student"], _all_problems(setup), tmp_path / "service", max_tokens=4) as url:
         config = _config(setup, tmp_path / "run", url, schedule=schedule, final_estimate=False)
-        watcher = threading.Thread(target=_signal_when, args=(tmp_path / "run" / "checkpoint.pt", signal.SIGTERM),
+        watcher = threading.Thread(target=_signal_when, args=(tmp_path / "run" / "checkpoint.pt", signum),
                                    daemon=True)
         watcher.start()
         assert run(config) == EXIT_PREEMPTED  # SLURM's afterok dependents must not start

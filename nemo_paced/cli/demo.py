@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Train a tiny teacher and student on a synthetic task (running means of digits; difficulty = "
             "number of steps), start the rollout service on loopback, estimate pass rates over HTTP, build "
             "teacher references, and distil with PACED (forward then reverse KL), PACED forward-KL only, "
-            "unweighted forward KL and the hard filter 0.2 < p < 0.8 under the same budget. Prints the "
+            "unweighted forward KL and the hard filter 0.2 < p < 0.8 under the same token budget. Prints the "
             "accuracy table (mean ± std over seeds) and writes report.json and PNG plots into --out. "
             "The tiny models are trained once and cached under --cache."))
     parser.add_argument("--quick", action="store_true",
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cache", type=Path, default=Path(".cache/nemo-paced"),
                         help="where pretrained tiny models are kept, keyed by their settings "
                              "(default .cache/nemo-paced)")
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 3, or 1 with --quick)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 5, or 1 with --quick)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only write the problem files and the tiny teacher and student (for the SLURM "
                              "chain); prints their paths and writes OUT/prepared.json")

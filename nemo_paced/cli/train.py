@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import Any
 
@@ -18,10 +17,12 @@ def _epilog() -> str:
     return "\n".join([
         "recipes:", *lines, "",
         "stages: fkl = forward KL on teacher references (stage 1); rkl = reverse KL on the student's own",
-        "samples (stage 2). Run fkl, then rkl from its checkpoint.", "",
+        "samples (stage 2). Run fkl, then rkl: by default it starts from fkl's final student (OUT/final).", "",
+        "The file options tell any recipe where the stage's inputs and outputs are (the SLURM chain passes",
+        "all of them); each recipe maps them onto its own config, and overrides apply after.", "",
         "Bridge recipes run under torchrun or srun, one process per GPU, e.g.",
         "  torchrun --nproc-per-node 8 -m nemo_paced train --recipe qwen3_8b_to_1p7b --stage fkl \\",
-        "      dataset.problems=/data/dapo17k.jsonl train.train_iters=2000",
+        "      --problems /data/dapo17k.jsonl --references runs/paced/references.jsonl train.train_iters=2000",
     ])
 
 
@@ -34,6 +35,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--recipe", required=True, metavar="NAME",
                         help="a recipe name from the list below, or module:function")
     parser.add_argument("--stage", required=True, choices=STAGES, help="fkl (stage 1) or rkl (stage 2)")
+    files = parser.add_argument_group("where the stage's files are (default: the recipe's own)")
+    files.add_argument("--init", metavar="DIR", help="student to start from (Hugging Face directory)")
+    files.add_argument("--teacher", metavar="DIR", help="teacher (Hugging Face directory)")
+    files.add_argument("--problems", metavar="FILE", help="problem set")
+    files.add_argument("--references", metavar="FILE", help="teacher references (make-references)")
+    files.add_argument("--passrates", metavar="FILE", help="saved pass-rate table, for recipes that read one")
+    files.add_argument("--service", metavar="ADDR", help="rollout service URL or address file")
+    files.add_argument("--out", metavar="DIR", help="output directory; the final student goes to OUT/final")
+    files.add_argument("--split", type=float, metavar="F",
+                       help="share of the recipe's training steps spent in stage 1 (0 < F < 1; default 0.5)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the final config (after overrides) and exit without training")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -41,17 +52,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=main)
 
 
-def build(recipe: str, stage: str, overrides: list[str]) -> Any:
+def build(recipe: str, stage: str, overrides: list[str], files: Any = None) -> Any:
     from nemo_paced.overrides import apply_overrides
-    from recipes import resolve
+    from recipes import StageFiles, resolve
 
-    return apply_overrides(resolve(recipe)(stage=stage), overrides)
+    return apply_overrides(resolve(recipe)(stage=stage, files=files or StageFiles()), overrides)
 
 
-# Exit status of a stage stopped early with its checkpoint saved. SIGUSR1 is the launchers' "save now,
-# you will be requeued" warning (launch/jobs/train.sbatch requeues itself), so it exits 0. Any other
-# signal (SIGTERM: time limit, scancel, preemption without warning) exits with EX_TEMPFAIL, so SLURM's
-# afterok dependents never start on an unfinished stage.
+# Exit status (EX_TEMPFAIL) of a stage stopped by a signal with its checkpoint saved, whichever the
+# signal: SLURM's afterok dependents must never start on an unfinished stage, and NeMo-Run's batch
+# template requeues a job only when it exits non-zero. launch/jobs/train.sbatch requeues itself on
+# SIGUSR1 whatever the status.
 EXIT_PREEMPTED = 75
 
 
@@ -60,9 +71,7 @@ def run(config: Any) -> int:
     from nemo_paced.train.local import LocalTrainConfig, train
 
     if isinstance(config, LocalTrainConfig):
-        result = train(config)
-        finished_or_requeued = result["status"] == "done" or result.get("signal") == signal.SIGUSR1
-        return 0 if finished_or_requeued else EXIT_PREEMPTED
+        return 0 if train(config)["status"] == "done" else EXIT_PREEMPTED
     from nemo_paced.megatron.bridge import train as bridge_train
 
     bridge_train(config)
@@ -72,9 +81,13 @@ def run(config: Any) -> int:
 def main(args: argparse.Namespace) -> int:
     from nemo_paced.overrides import OverrideError
 
+    from recipes import StageFiles
+
     try:
-        config = build(args.recipe, args.stage, args.overrides)
-    except (OverrideError, LookupError) as error:
+        files = StageFiles(init=args.init, teacher=args.teacher, problems=args.problems, references=args.references,
+                           passrates=args.passrates, service=args.service, out=args.out, split=args.split)
+        config = build(args.recipe, args.stage, args.overrides, files)
+    except (OverrideError, LookupError, ValueError) as error:
         print(f"nemo-paced train: error: {error}", file=sys.stderr)
         return 2
     if args.print_config:

@@ -44,18 +44,18 @@ class DemoConfig:
         steps=600, level_weights={level: 1.0 for level in range(1, 7)}, seed=1))
     student: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(layers=2, hidden=32, heads=2))
     student_pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
-        steps=600, level_weights={1: 0.4, 2: 0.3, 3: 0.2, 4: 0.1}, seed=2))
+        steps=500, level_weights={1: 0.35, 2: 0.3, 3: 0.2, 4: 0.1, 5: 0.04, 6: 0.01}, seed=2))
     pool_per_level: int = 400
     test_per_level: int = 40
     retained_size: int = 100
-    steps: int = 300
+    steps: int = 120
     batch_size: int = 64  # sequences per step at the pool's mean reference length (sets the token budget)
     lr: float = 1e-3
     fkl_fraction: float = 0.5
-    refresh_every: int = 100
-    eval_every: int = 100
+    refresh_every: int = 30
+    eval_every: int = 30
     rkl_sync_every: int = 5
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     methods: tuple[str, ...] = METHODS
     k: int = 8
     eval_samples: int = 8

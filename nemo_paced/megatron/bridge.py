@@ -106,6 +106,7 @@ class PacedDataset(DatasetProvider):
     seed: int = 1234
     refresh_every: int = 50
     export_dir: str = "runs/paced/student_hf"
+    final_dir: str | None = None  # the student at the end of training, Hugging Face format (the next stage's init)
     dataloader_type: str = "external"
     global_batch_size: int | None = None
     micro_batch_size: int | None = None
@@ -145,7 +146,8 @@ class PacedCallback(Callback):
     continues (`resume`); before each step, reads the step's micro-batches on the ranks that read
     data (see `data.StepBuffer`); after each step, saves the stream's state beside the checkpoints;
     every `dataset.refresh_every` steps, exports the student (Hugging Face format) to
-    `export_dir/step-NNNNNNN`, has the rollout service load it and queues a new estimate."""
+    `export_dir/step-NNNNNNN`, has the rollout service load it and queues a new estimate; at the
+    end, exports the final student to `final_dir`."""
 
     def on_train_start(self, context: CallbackContext) -> None:
         check_frozen(unwrap_model(context.model[0]))
@@ -160,6 +162,12 @@ class PacedCallback(Callback):
 
             context.state.cfg.dataset.stream.fill(get_num_microbatches())
 
+    def on_train_end(self, context: CallbackContext) -> None:
+        dataset = context.state.cfg.dataset
+        if dataset.final_dir:
+            final = Path(dataset.final_dir)
+            export_student(context.model, dataset.student, final.parent / f".{final.name}.partial", final)
+
     def on_train_step_end(self, context: CallbackContext) -> None:
         dataset, checkpoint = context.state.cfg.dataset, context.state.cfg.checkpoint
         if checkpoint.save and dist.get_rank() == 0:  # every DP replica's stream is at the same position
@@ -167,7 +175,7 @@ class PacedCallback(Callback):
         step = context.state.train_state.step
         if step % dataset.refresh_every:
             return
-        final = export_student(context.model, context.state.cfg, Path(dataset.export_dir), step)
+        final = export_student(context.model, dataset.student, *step_dirs(Path(dataset.export_dir), step))
         if dist.get_rank() == 0:
             with RolloutClient.connect(dataset.service) as client:
                 client.load_weights(final, step=step)
@@ -175,18 +183,18 @@ class PacedCallback(Callback):
             log.info("step %d: student exported to %s, rollout service reloaded, estimate job %s", step, final, job)
 
 
-def export_student(model_chunks: list, config, export_dir: Path, step: int) -> Path:
-    """Collective: all ranks gather the student's weights; rank 0 writes them and publishes the
-    directory atomically, so the rollout service never loads a half-written checkpoint."""
+def export_student(model_chunks: list, student_hf: str, partial: Path, final: Path) -> Path:
+    """Collective: all ranks gather the student's weights (architecture and tokenizer of `student_hf`);
+    rank 0 writes them into `partial` and publishes it as `final` atomically, so the rollout service
+    never loads a half-written checkpoint."""
     from megatron.bridge import AutoBridge
 
-    partial, final = step_dirs(export_dir, step)
     if final.exists():  # exported before a restart; it appeared whole, so keep it
         return final
     if dist.get_rank() == 0:
         prepare(partial)
     dist.barrier()
-    bridge = AutoBridge.from_hf_pretrained(config.dataset.student)
+    bridge = AutoBridge.from_hf_pretrained(student_hf)
     with unwrap_model(model_chunks[0]).hide_teacher_model():  # export the student alone
         bridge.save_hf_pretrained(model_chunks, partial, show_progress=False)
     dist.barrier()
