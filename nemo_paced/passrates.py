@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from nemo_paced.atomic import atomic_open
+from nemo_paced.jsonlines import parse_object
 from nemo_paced.weighting import WeightConfig, _enum
 
 FORMAT = "nemo-paced.passrates"
@@ -193,7 +194,7 @@ class PassRateTable:
             raise PassRateFileError(f"{path}: cannot read: {e}") from e
         if not lines:
             raise PassRateFileError(f"{path}: empty file (expected a {FORMAT} header line)")
-        header = _parse_json(path, 1, lines[0])
+        header = parse_object(lines[0], f"{path}:1", PassRateFileError)
         if header.get("format") != FORMAT:
             raise PassRateFileError(f"{path}:1: field 'format': expected {FORMAT!r}, got {header.get('format')!r}")
         if header.get("schema") != SCHEMA:
@@ -206,7 +207,7 @@ class PassRateTable:
         for number, line in enumerate(lines[1:], start=2):
             if not line.strip():
                 continue
-            record = _parse_record(path, number, _parse_json(path, number, line), version)
+            record = _parse_record(path, number, parse_object(line, f"{path}:{number}", PassRateFileError), version)
             if record.problem_id in table._records:
                 raise PassRateFileError(f"{path}:{number}: field 'problem_id': duplicate id {record.problem_id!r}")
             table._records[record.problem_id] = record
@@ -252,16 +253,6 @@ def _as_outcome(item: Outcome | Mapping[str, Any] | tuple, index: int) -> Outcom
         raise ValueError(f"outcome {index} ({outcome.problem_id}): need 0 <= successes <= trials and trials > 0, "
                          f"got successes={outcome.successes}, trials={outcome.trials}")
     return outcome
-
-
-def _parse_json(path: Path, number: int, line: str) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise PassRateFileError(f"{path}:{number}: not valid JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise PassRateFileError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _field(path, number, row, name, kind, ok=lambda v: True, nullable=False):

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from nemo_paced.atomic import atomic_open
 from nemo_paced.batches import BatchBuilder, Pair
+from nemo_paced.jsonlines import parse_object
 from nemo_paced.problems import Problem, render_prompt
 from nemo_paced.rollout.engines.base import Engine, SamplingParams
 from nemo_paced.rollout.estimate import ProblemRollouts, batched, rollout
@@ -246,25 +247,15 @@ def _read(path: Path, partial: bool) -> tuple[dict[str, Any], dict[str, Referenc
             f.truncate(sum(len(line.encode()) for line in lines))
     if not lines:
         raise ReferenceFileError(f"{path}: empty (expected a {FORMAT} header line)")
-    header = _json(path, 1, lines[0])
+    header = parse_object(lines[0], f"{path}:1", ReferenceFileError)
     if header.get("format") != FORMAT or header.get("schema") != SCHEMA:
         raise ReferenceFileError(f"{path}:1: not a {FORMAT} schema {SCHEMA} header")
     rows: dict[str, ReferenceRow] = {}
     for number, line in enumerate(lines[1:], start=2):
         if line.strip():
-            row = _parse_row(path, number, _json(path, number, line))
+            row = _parse_row(path, number, parse_object(line, f"{path}:{number}", ReferenceFileError))
             rows[row.problem_id] = row
     return header, rows
-
-
-def _json(path: Path, number: int, line: str) -> dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ReferenceFileError(f"{path}:{number}: not valid JSON: {e.msg}") from None
-    if not isinstance(value, dict):
-        raise ReferenceFileError(f"{path}:{number}: expected a JSON object")
-    return value
 
 
 def _parse_row(path: Path, number: int, row: dict[str, Any]) -> ReferenceRow:
