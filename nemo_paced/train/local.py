@@ -5,9 +5,9 @@ the `PacedSampler`, the Paced KL (`vocab_parallel_kl` + `paced_reduce`, normalis
 batch), teacher references for stage 1 and the student's own samples for stage 2, on the
 `TwoStageSchedule`. A step trains on `batch_size` drawn sequences, or, with `tokens_per_step`, on
 the leading drawn sequences that hold that many response tokens, so runs that favour short or
-long problems can be compared at equal token budgets. The student's weights are pushed to the service whenever pass rates are
-re-estimated, on-policy samples are drawn, or the student is evaluated, so the service always
-samples from the model being trained.
+long problems can be compared at equal token budgets. The student's weights are pushed to the
+service whenever pass rates are re-estimated, on-policy samples are drawn, or the student is
+evaluated, so the service always samples from the model being trained.
 
 Pass-rate evidence: the run starts from a saved table (`passrates`) and afterwards takes only the
 evidence the service produced during this run (records newer than the service's table version at
