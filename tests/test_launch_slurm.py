@@ -29,7 +29,7 @@ def tiny(tmp_path_factory) -> list[str]:
     return ["--problems", prepared["problems"], "--teacher", prepared["teacher"], "--student", prepared["student"],
             "--benchmarks", prepared["problems"], "--engine", "hf", "--service-args", engine,
             "--reference-args", f"{engine} --temperature 0", "--eval-args", f"{engine} --n 2",
-            "--train-args", "schedule.total_steps=16 checkpoint_every=2 progress=false"]
+            "--train-args", "schedule.total_steps=100 checkpoint_every=2 progress=false"]
 
 
 def submit_chain(cluster: SlurmCluster, run: Path, *args: str) -> dict[str, str]:
@@ -82,14 +82,16 @@ def times(cluster: SlurmCluster, job_id: str) -> tuple[str, str]:
 
 def preempt_when_checkpointed(cluster: SlurmCluster, job_id: str, checkpoint: Path, timeout: float = 600,
                               to_batch_script: bool = True) -> None:
-    """Once the job has saved a checkpoint, send what SLURM sends before the time limit: SIGUSR1 to
-    the batch script (--signal=B:USR1, our sbatch scripts) or to the job's steps (--signal=USR1,
-    NeMo-Run's template); then lift SLURM's two-minute hold on the requeued job."""
+    """Once the job has saved its first checkpoint, send what SLURM sends before the time limit:
+    SIGUSR1 to the batch script (--signal=B:USR1, our sbatch scripts) or to the job's steps
+    (--signal=USR1, NeMo-Run's template); then lift SLURM's two-minute hold on the requeued job.
+    The stage must still be training when the signal lands (a signal during the final evaluation
+    lets it finish), hence the tiny stages' 100 steps: the first checkpoint comes at step 2."""
     deadline = time.monotonic() + timeout
     while not checkpoint.exists():
         assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), cluster.job(job_id)
         assert time.monotonic() < deadline, f"no checkpoint {checkpoint} after {timeout} s"
-        time.sleep(0.5)
+        time.sleep(0.1)
     cluster.run("scancel", *(["--batch"] if to_batch_script else []), "--signal=USR1", job_id)
     cluster.wait([job_id], timeout=120, states={"PENDING"})
     # slurmd revokes the old run's credential with a one-second timestamp and refuses any credential
@@ -122,6 +124,7 @@ def test_the_chain_runs_in_order_and_a_preempted_stage_resumes(slurm, tiny, tmp_
     assert slurm.job(ids["stage1"])["Restarts"] == "1"
     log = (run / "logs" / f"stage1-{ids['stage1']}.out").read_text()
     assert "got SIGUSR1, forwarding to the ranks" in log and "requeueing job" in log
+    assert "checkpoint saved at step" in log  # stopped mid-stage, not after it
     result = json.loads((run / "stage1" / "result.json").read_text())
     steps = [m["step"] for m in result["history"]["steps"]]
     assert result["status"] == "done" and steps == list(range(result["config"]["schedule"]["total_steps"]))
@@ -153,6 +156,8 @@ def test_the_nemo_run_launcher_submits_the_chain_to_the_same_slurm(slurm, tiny, 
     assert [states[job_id] for _, job_id, _ in jobs] == ["COMPLETED" if s != "rollouts" else "CANCELLED"
                                                          for s in STAGES], logs(slurm, run)
     assert slurm.job(stage1)["Restarts"] == "1"
+    first_run = "\n".join(p.read_text() for p in (run / "logs").glob(f"log-paced-stage1_{stage1}_0.out"))
+    assert "checkpoint saved at step" in first_run  # stopped mid-stage, not after it
     trained = json.loads((run / "stage1" / "result.json").read_text())
     assert trained["status"] == "done" and len(trained["history"]["steps"]) == trained["config"]["schedule"]["total_steps"]
     assert status(slurm, run).returncode == 0
