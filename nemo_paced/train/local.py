@@ -13,6 +13,10 @@ Pass-rate evidence: the run starts from a saved table (`passrates`) and afterwar
 evidence the service produced during this run (records newer than the service's table version at
 the start), so one service can serve several runs in turn.
 
+With `stage` set, the run trains only that stage's steps of the schedule (`total_steps` counts both
+stages, `fkl_fraction` splits them), so a chain of two runs shares one schedule. The stage is recorded
+in checkpoints and results, and a checkpoint of another stage in `out_dir` is refused.
+
 Checkpoints (`out_dir/checkpoint.pt`, written atomically every `checkpoint_every` steps and on
 SIGTERM / SIGUSR1) hold the student, optimizer, schedule position, sampler state, pass-rate table
 and history; `train` resumes from one when it exists. A signal ends the run at the next step
@@ -37,7 +41,10 @@ import numpy as np
 import torch
 
 from nemo_paced.atomic import atomic_open, atomic_write_json
+from nemo_paced.localpaths import require_dir, require_file
+from nemo_paced.progress import Progress
 from nemo_paced.schedule import StageName, TwoStageSchedule
+from nemo_paced.self_teacher import SelfTeacherConfig, parse_teacher
 from nemo_paced.weighting import WeightConfig, effective_sample_size, extreme_fraction, normalise
 
 log = logging.getLogger(__name__)
@@ -52,10 +59,10 @@ class LocalTrainConfig:
     by `meta.benchmark`; every other problem is in the training pool."""
 
     student: str  # starting student (Hugging Face directory)
-    teacher: str
+    teacher: str  # a Hugging Face directory, or self[:current|:initial] for self-distillation (reverse KL only)
     problems: str  # problem file: the training pool and the evaluation benchmarks
-    references: str  # teacher references for the pool (`nemo-paced make-references`)
-    passrates: str  # pass-rate table of the starting student on the pool
+    references: str | None  # teacher references (`nemo-paced make-references`): forward-KL steps only
+    passrates: str | None  # pass-rate table of the starting student on the pool; None: the service's table
     rollout: str  # rollout service URL or address file; it must serve the same problem file
     out_dir: str
     schedule: TwoStageSchedule = field(default_factory=lambda: TwoStageSchedule(total_steps=200))
@@ -74,9 +81,18 @@ class LocalTrainConfig:
     checkpoint_every: int = 50
     final_estimate: bool = True  # re-estimate pool pass rates after training (the "after" histogram)
     seed: int = 0
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal, else a log line every `progress_every` seconds
+    progress_every: float = 30.0
+    stage: StageName | None = None  # train only this stage's steps of the schedule (None: both)
+    self_teacher: SelfTeacherConfig = field(default_factory=SelfTeacherConfig)  # with teacher="self[:weights]"
 
     def __post_init__(self) -> None:
+        if self.stage not in (None, "fkl", "rkl"):
+            raise ValueError(f"stage must be fkl, rkl or null (both), got {self.stage!r}")
+        if self.stage == "fkl" and self.schedule.switch_step == 0:
+            raise ValueError("stage fkl has no steps: schedule.fkl_fraction is 0")
+        if self.stage == "rkl" and not self.schedule.has_rkl:
+            raise ValueError("stage rkl has no steps: schedule.fkl_fraction is 1")
         for name in ("batch_size", "seq_length", "rkl_sync_every", "eval_samples", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -86,11 +102,58 @@ class LocalTrainConfig:
         for name in ("eval_every", "warmup_steps", "tokens_per_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.self_teacher_weights is not None and self.schedule.switch_step > 0:
+            raise ValueError(f"teacher {self.teacher!r}: self-distillation trains reverse KL on the student's own "
+                             "samples only; set schedule.fkl_fraction=0")
+
+    @property
+    def self_teacher_weights(self) -> str | None:
+        """current / initial when the teacher is the student itself (teacher="self[:weights]"), else None."""
+        return parse_teacher(self.teacher, default=self.self_teacher.weights)
+
+
+class RunMismatch(ValueError):
+    """`out_dir` holds another stage's checkpoint, or the run lacks a file its steps need."""
 
 
 def train(config: LocalTrainConfig) -> dict[str, Any]:
     """Run (or resume) the distillation; returns the result also written to `out_dir/result.json`."""
     return _Run(config).run()
+
+
+def stage_steps(config: LocalTrainConfig) -> tuple[int, int]:
+    """[first, end) of the schedule's steps this run trains."""
+    schedule = config.schedule
+    first = schedule.switch_step if config.stage == "rkl" else 0
+    end = schedule.switch_step if config.stage == "fkl" else schedule.total_steps
+    return first, end
+
+
+def stage_label(config: LocalTrainConfig) -> str:
+    if config.stage is not None:
+        return config.stage
+    return "+".join(name for name, present in (("fkl", config.schedule.switch_step > 0),
+                                                ("rkl", config.schedule.has_rkl)) if present)
+
+
+def check_inputs(config: LocalTrainConfig) -> None:
+    """Every file and directory the run reads, before any model loads: a missing one is named (and a
+    mistyped model directory is never mistaken for a Hugging Face Hub name)."""
+    c = config
+    require_file(c.problems, "problems")
+    first, end = stage_steps(c)
+    if c.references is not None:
+        require_file(c.references, "references")
+    elif first < min(end, c.schedule.switch_step):
+        raise RunMismatch("the forward-KL steps train on teacher references: give references "
+                          "(nemo-paced make-references, then train --references FILE)")
+    if c.passrates is not None:
+        require_file(c.passrates, "pass-rate table", " (leave it unset to start from the rollout service's table)")
+    hint = (" (stage rkl starts from stage fkl's final student: train --stage fkl first, or give --init DIR)"
+            if c.stage == "rkl" else "")
+    require_dir(c.student, "student", hint)
+    if c.self_teacher_weights is None:
+        require_dir(c.teacher, "teacher")
 
 
 class _Run:
@@ -104,6 +167,9 @@ class _Run:
         from nemo_paced.rollout.client import RolloutClient
 
         self.config = c = config
+        check_inputs(c)
+        self.first_step, self.end_step = stage_steps(c)
+        self.stage = stage_label(c)
         self.out = Path(c.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(c.seed)
@@ -114,21 +180,40 @@ class _Run:
         for p in problems:
             if p.meta.get("split") == "test":
                 self.benchmarks[str(p.meta.get("benchmark", "test"))].append(p.id)
+        if not self.benchmarks:
+            log.warning("%s has no problem with meta.split = \"test\": the run reports no accuracy "
+                        "(add test problems, e.g. the demo's problems.jsonl, to evaluate)", c.problems)
         self.tokenizer = AutoTokenizer.from_pretrained(c.student)
         self.student = AutoModelForCausalLM.from_pretrained(c.student, dtype=torch.float32)
-        self.teacher = AutoModelForCausalLM.from_pretrained(c.teacher, dtype=torch.float32).eval().requires_grad_(False)
+        self.self_teacher = None
+        if c.self_teacher_weights is None:
+            self.teacher = AutoModelForCausalLM.from_pretrained(c.teacher, dtype=torch.float32).eval().requires_grad_(False)
+        elif c.self_teacher_weights == "initial":  # a frozen copy of the starting student
+            self.teacher = AutoModelForCausalLM.from_pretrained(c.student, dtype=torch.float32).eval().requires_grad_(False)
+        else:  # current: the student itself, under no_grad
+            self.teacher = None
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=c.lr, weight_decay=0.0)
-        total = c.schedule.total_steps
+        total = self.end_step - self.first_step
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(
             1, c.warmup_steps)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))))
         self.builder = BatchBuilder(self.tokenizer, c.seq_length)
         pool_set = set(self.pool_ids)
-        references = {i: r for i, r in load_references(c.references).items() if i in pool_set}
-        self.references = ReferenceBatches(self.pool, references, self.builder, c.template)
+        self.train_ids = self.pool_ids
+        if c.self_teacher_weights is None:
+            loaded = load_references(c.references) if c.references is not None else {}
+            references = {i: r for i, r in loaded.items() if i in pool_set}
+            self.references = ReferenceBatches(self.pool, references, self.builder, c.template)
+        else:
+            from nemo_paced.problems import render_prompt
+            from nemo_paced.self_teacher import SelfTeacher
+
+            self.self_teacher = SelfTeacher(self.pool, self.builder,
+                                            lambda p: render_prompt(p, c.template, self.tokenizer), c.self_teacher)
+            self.train_ids = self.self_teacher.problem_ids
         self.client = RolloutClient.connect(c.rollout)
-        self.table = PassRateTable.load(c.passrates)
+        self.table = PassRateTable.load(c.passrates) if c.passrates is not None else self.client.refresh_table()
         self.seen_version = self.client.health()["table_version"]
-        self.step = 0
+        self.step = self.first_step
         self.history: dict[str, Any] = {"steps": [], "evals": [], "passrates": [], "stopped": [], "pushes": 0}
         self.draws: collections.Counter[str] = collections.Counter()
         self.sampler = None
@@ -140,32 +225,30 @@ class _Run:
     # --- main loop ------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
         from nemo_paced.sampler import AllWeightsZero
 
         c = self.config
         schedule = c.schedule
         restore = self._install_signal_handlers()
         try:
-            if self.step == 0 and not self.history["evals"]:
+            if self.step == self.first_step and not self.history["evals"]:
                 self._record_passrates("start")
                 self._evaluate()
-            bar = tqdm(total=schedule.total_steps, initial=self.step, disable=not c.progress, unit="step",
-                       desc=Path(c.out_dir).name, dynamic_ncols=True, leave=False)
-            while self.step < schedule.total_steps:
+            bar = Progress(self.end_step - self.first_step, f"stage {self.stage}", initial=self.step - self.first_step,
+                           enabled=c.progress, every=c.progress_every)
+            while self.step < self.end_step:
                 if self._signal is not None:
                     self._save_checkpoint()
                     bar.close()
                     log.warning("signal %d: checkpoint saved at step %d, stopping", self._signal, self.step)
                     return self._finish("preempted")
-                if schedule.reestimate_before(self.step):
+                if self.step > self.first_step and schedule.reestimate_before(self.step):
                     self._reestimate()
                 stage = schedule.stage(self.step)
                 try:
                     metrics = self._train_step(stage)
                 except AllWeightsZero as e:  # nothing left to train on in this stage: skip to its end
-                    end = schedule.switch_step if stage == "fkl" else schedule.total_steps
+                    end = min(self.end_step, schedule.switch_step if stage == "fkl" else schedule.total_steps)
                     log.warning("step %d: %s; skipping to step %d", self.step, e, end)
                     self.history["stopped"].append({"step": self.step, "stage": stage, "skipped": end - self.step,
                                                     "reason": str(e)})
@@ -173,11 +256,10 @@ class _Run:
                     self.step = end
                     continue
                 self.step += 1
-                bar.update(1)
-                bar.set_postfix(stage=metrics["stage"], loss=f"{metrics['loss']:.4f}", kept=metrics["kept"])
-                if c.eval_every and self.step % c.eval_every == 0 and self.step < schedule.total_steps:
+                bar.update(1, stage=metrics["stage"], loss=f"{metrics['loss']:.4f}", kept=metrics["kept"])
+                if c.eval_every and self.step % c.eval_every == 0 and self.step < self.end_step:
                     self._evaluate()
-                if self.step % c.checkpoint_every == 0 or self.step == schedule.total_steps:
+                if self.step % c.checkpoint_every == 0 or self.step == self.end_step:
                     self._save_checkpoint()
             bar.close()
             self._evaluate()
@@ -197,7 +279,17 @@ class _Run:
         tokens, positions = batch["tokens"], batch["position_ids"]
         student_logits = self.student(input_ids=tokens, position_ids=positions).logits
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=tokens, position_ids=positions).logits
+            if self.self_teacher is None:
+                teacher_logits = self.teacher(input_ids=tokens, position_ids=positions).logits
+            else:  # the student (or its initial copy) on the privileged prompt, aligned on the response tokens
+                from nemo_paced.self_teacher import gather_aligned
+
+                scorer = self.teacher if self.teacher is not None else self.student
+                scorer.eval()  # no dropout in the teacher pass
+                teacher_logits = gather_aligned(scorer(input_ids=batch["teacher_tokens"],
+                                                       position_ids=batch["teacher_position_ids"]).logits,
+                                                batch["teacher_index"])
+                self.student.train()
         per_token = vocab_parallel_kl(student_logits, teacher_logits,
                                       direction="forward" if stage == "fkl" else "reverse",
                                       temperature=self.config.kl_temperature)
@@ -239,7 +331,8 @@ class _Run:
         pairs = [Pair(r.problem_id, r.prompt_token_ids, r.samples[0].token_ids, float(w))
                  for r, w in zip(rollouts.problems, draw.weights)]
         self._pull()  # on-policy scores fold into pass rates once K per problem have arrived
-        return self.builder.micro_batch(pairs)
+        batch = self.builder.micro_batch(pairs)
+        return batch if self.self_teacher is None else self.self_teacher.add_teacher_rows(batch, pairs)
 
     # --- the rollout service ----------------------------------------------------------------------
 
@@ -269,7 +362,10 @@ class _Run:
         self._push()
         started = time.perf_counter()
         job = self.client.estimate(self.pool_ids)
-        self.client.wait(job, poll=0.1)
+        progress = Progress(len(self.pool_ids), f"pass rates ({label or 'refresh'} at step {self.step})",
+                            unit="problem", enabled=self.config.progress, every=self.config.progress_every)
+        self.client.wait(job, poll=0.1, progress=lambda status: progress.set(status["done"]))
+        progress.close()
         self._pull()
         self._record_passrates(label or "refresh", seconds=time.perf_counter() - started)
 
@@ -287,6 +383,13 @@ class _Run:
             "histogram": pass_rate_histogram(rates, k).tolist(), "k": k,
             "kept": int((weights > 0).sum()), "ess": effective_sample_size(weights),
             "by_level": _by_level(self.pool, rates, known)})
+        if not known.any():
+            log.warning("no pool problem has a pass rate yet (%s at step %d): every weight is 0", label, self.step)
+        elif at_zero + at_one >= 1.0:
+            log.warning("every pass rate is 0 or 1 (%s at step %d: %.0f%% at 0, %.0f%% at 1): w(p) = 0 for "
+                        "every problem, so nothing trains; all zeros usually mean the service's --template, "
+                        "--verifier or --max-tokens do not fit the model", label, self.step, 100 * at_zero,
+                        100 * at_one)
 
     def _evaluate(self) -> None:
         """Mean accuracy over `eval_samples` samples per problem, per benchmark, in percent."""
@@ -305,7 +408,8 @@ class _Run:
     # --- checkpoints and signals ----------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        state = {"step": self.step, "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"stage": self.stage, "steps": [self.first_step, self.end_step],
+                 "step": self.step, "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "lr_schedule": self.lr_schedule.state_dict(), "sampler_stage": self.sampler_stage,
                  "sampler": None if self.sampler is None else self.sampler.state_dict(),
                  "table": {"version": self.table.version, "records": self.table.to_rows()},
@@ -320,6 +424,12 @@ class _Run:
         if not path.exists():
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state.get("stage"), state.get("steps")
+        if saved != (self.stage, [self.first_step, self.end_step]):
+            raise RunMismatch(
+                f"{path} is stage {saved[0] or 'unknown'} (steps {saved[1] or '?'}), stopped at step {state['step']}; "
+                f"this run is stage {self.stage} (steps {[self.first_step, self.end_step]}): give this stage its "
+                f"own --out, or delete the checkpoint to start over")
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -331,7 +441,8 @@ class _Run:
         if state["sampler_stage"] is not None:
             self._make_sampler(state["sampler_stage"])
             self.sampler.load_state_dict(state["sampler"])
-        log.info("resumed %s at step %d", path, self.step)
+        log.info("resumed from step %d of stage %s (%s; steps %d-%d)", self.step, self.stage, path,
+                 self.first_step, self.end_step)
 
     def _make_sampler(self, stage: StageName) -> None:
         """Stage 1 draws among problems with a teacher reference (collated into reference batches);
@@ -340,7 +451,7 @@ class _Run:
 
         c = self.config
         first = 0 if stage == "fkl" else c.schedule.switch_step
-        ids = self.references.problem_ids if stage == "fkl" else self.pool_ids
+        ids = self.references.problem_ids if stage == "fkl" else self.train_ids
         self.sampler = PacedSampler(ids, SamplerConfig(global_batch_size=c.batch_size, micro_batch_size=c.batch_size,
                                                        weighting=c.weighting, seed=c.seed, first_step=first),
                                     lambda: self.table, collate=self.references if stage == "fkl" else None)
@@ -359,7 +470,8 @@ class _Run:
     def _finish(self, status: str) -> dict[str, Any]:
         drawn = np.array(list(self.draws.values()), dtype=np.float64)
         steps = self.history["steps"]
-        result = {"status": status, "step": self.step, "signal": self._signal,
+        result = {"status": status, "stage": self.stage, "stage_steps": [self.first_step, self.end_step],
+                  "step": self.step, "signal": self._signal,
                   "config": jsonable(asdict(self.config)),
                   "history": self.history,
                   "draws": {"distinct": int(drawn.size), "total": int(drawn.sum()),
@@ -368,7 +480,23 @@ class _Run:
                   "tokens": int(sum(s["tokens"] for s in steps)),
                   "sequences": int(sum(s["kept"] for s in steps))}
         atomic_write_json(self.out / RESULT, result)
+        self._summary(result)
         return result
+
+    def _summary(self, result: dict[str, Any]) -> None:
+        """The closing lines on the terminal: where the student is and how it did."""
+        if result["status"] != "done":
+            log.info("stage %s stopped at step %d of %d-%d; checkpoint %s: run the same command to resume",
+                     self.stage, self.step, self.first_step, self.end_step, self.out / CHECKPOINT)
+            return
+        evals = self.history["evals"]
+        accuracy = ", ".join(f"{name} {value:.1f}%" for name, value in evals[-1]["accuracy"].items()) \
+            if evals and evals[-1]["accuracy"] else "not evaluated (no test problems)"
+        before = ", ".join(f"{name} {value:.1f}%" for name, value in evals[0]["accuracy"].items()) \
+            if len(evals) > 1 and evals[0]["accuracy"] else ""
+        log.info("stage %s done: %d steps trained (steps %d-%d), final student %s", self.stage,
+                 len(self.history["steps"]), self.first_step, self.end_step, self.out / "final")
+        log.info("accuracy: %s%s; result %s", accuracy, f" (before: {before})" if before else "", self.out / RESULT)
 
 
 def _by_level(pool, rates: np.ndarray, known: np.ndarray) -> dict[str, float]:
