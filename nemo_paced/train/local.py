@@ -102,9 +102,10 @@ class LocalTrainConfig:
         for name in ("eval_every", "warmup_steps", "tokens_per_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.self_teacher_weights is not None and self.schedule.switch_step > 0:
+        if self.self_teacher_weights is not None and (
+                self.stage == "fkl" or (self.stage is None and self.schedule.switch_step > 0)):
             raise ValueError(f"teacher {self.teacher!r}: self-distillation trains reverse KL on the student's own "
-                             "samples only; set schedule.fkl_fraction=0")
+                             "samples only; train stage rkl, or set schedule.fkl_fraction=0")
 
     @property
     def self_teacher_weights(self) -> str | None:
@@ -149,6 +150,9 @@ def check_inputs(config: LocalTrainConfig) -> None:
                           "(nemo-paced make-references, then train --references FILE)")
     if c.passrates is not None:
         require_file(c.passrates, "pass-rate table", " (leave it unset to start from the rollout service's table)")
+    if not c.rollout.startswith(("http://", "https://")):
+        require_file(c.rollout, "rollout service address file", " (start nemo-paced serve-rollouts --address-file "
+                                                                "FILE first, or give its URL)")
     hint = (" (stage rkl starts from stage fkl's final student: train --stage fkl first, or give --init DIR)"
             if c.stage == "rkl" else "")
     require_dir(c.student, "student", hint)
@@ -211,8 +215,13 @@ class _Run:
                                             lambda p: render_prompt(p, c.template, self.tokenizer), c.self_teacher)
             self.train_ids = self.self_teacher.problem_ids
         self.client = RolloutClient.connect(c.rollout)
-        self.table = PassRateTable.load(c.passrates) if c.passrates is not None else self.client.refresh_table()
-        self.seen_version = self.client.health()["table_version"]
+        if c.passrates is not None:
+            self.table = PassRateTable.load(c.passrates)
+            self.seen_version = self.client.health()["table_version"]
+        else:  # the service's table as it stands is the starting estimate
+            self.seen_version, records = self.client.table_since(0)
+            self.table = PassRateTable()
+            self.table.merge(records, self.seen_version)
         self.step = self.first_step
         self.history: dict[str, Any] = {"steps": [], "evals": [], "passrates": [], "stopped": [], "pushes": 0}
         self.draws: collections.Counter[str] = collections.Counter()
