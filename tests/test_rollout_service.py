@@ -172,6 +172,66 @@ def test_bad_requests_get_4xx_naming_the_field(server, workspace, tmp_path):
     assert client.health()["checkpoint"] == str(workspace[0] / "model-a")  # still serving the old weights
 
 
+def _raw(server, method: str, path: str, body: bytes, **headers) -> httpx.Response:
+    return httpx.request(method, server.url + path, content=body,
+                         headers={"content-type": "application/json", **headers}, timeout=60)
+
+
+HOSTILE = [  # (path, raw JSON body, the location the 422 must name)
+    ("/estimate", b'{"k": NaN}', ["body", "k"]),
+    ("/estimate", b'{"k": Infinity}', ["body", "k"]),
+    ("/estimate", b'{"k": 1e400}', ["body", "k"]),
+    ("/estimate", b'{"ids": null, "unknown_field": -Infinity}', ["body", "unknown_field"]),
+    ("/sample", b'{"ids": ["digits"], "temperature": NaN}', ["body", "temperature"]),
+    ("/sample", b'{"ids": ["digits"], "n": 1e400}', ["body", "n"]),
+    ("/sample", b'{"ids": ["digits"], "extra": {"deep": [1, 2, NaN]}}', ["body", "extra", "deep", 2]),
+    ("/weights", b'{"path": "x", "step": Infinity}', ["body", "step"]),
+    ("/estimate", b'{"k": true}', ["body", "k"]),  # a bool is not K = 1
+    ("/estimate", b'{"k": 8.0}', ["body", "k"]),
+    ("/estimate", b'{"ids": ["digits", 7]}', ["body", "ids", 1]),
+    ("/sample", b'{"ids": ["digits"], "n": "2"}', ["body", "n"]),  # a string is not 2
+    ("/sample", b'{"ids": ["digits"], "fold": "yes"}', ["body", "fold"]),
+    ("/sample", b'{"ids": ["digits"], "max_tokens": false}', ["body", "max_tokens"]),
+    ("/sample", b'{"ids": ["digits"], "temperature": 1e-300}', ["body", "temperature"]),
+    ("/sample", b'{"ids": ["digits"], "temperature": 0.009}', ["body", "temperature"]),
+    ("/sample", b'{"ids": ["digits"], "seed": 18446744073709551616}', ["body", "seed"]),  # 2**64
+    ("/sample", b'{"ids": ["digits"], "seed": -9223372036854775809}', ["body", "seed"]),  # below -2**63
+    ("/sample", b'{"ids": ["digits"], "seed": -1}', ["body", "seed"]),
+    ("/weights", b'{"path": "x", "step": true}', ["body", "step"]),
+    ("/estimate", b'{"k": ' + b"9" * 5000 + b"}", ["body"]),  # beyond Python's integer-string limit
+    ("/estimate", b'{"k": 8', ["body"]),
+]
+
+
+@pytest.mark.parametrize("path,body,loc", HOSTILE, ids=[f"{p}:{b[:40].decode()}" for p, b, _ in HOSTILE])
+def test_hostile_json_gets_422_naming_the_field(server, path, body, loc):
+    response = _raw(server, "POST", path, body)
+    assert response.status_code == 422, (response.status_code, response.text)
+    detail = response.json()["detail"]
+    assert detail[0]["loc"][:len(loc)] == loc and detail[0]["msg"], detail
+    assert _raw(server, "GET", "/health", b"").json()["status"] == "ok"
+
+
+def test_strict_types_leave_the_estimates_alone(server):
+    """`"k": true` once overwrote K = 8 estimates with a single-sample one in replace mode."""
+    client = server.client()
+    client.wait(client.estimate(["low"], k=8), poll=0.05, timeout=300)
+    before = client.refresh_table()
+    assert before["low"].trials == 8
+    assert _raw(server, "POST", "/estimate", b'{"ids": ["low"], "k": true}').status_code == 422
+    assert client.health()["queue"] == 0
+    after = client.refresh_table()
+    assert after.version == before.version and after["low"] == before["low"]
+
+
+def test_documented_sampling_bounds_are_served(server):
+    """The smallest temperature and the seed bounds that are accepted really generate."""
+    client = server.client()
+    for temperature, seed in ((0.01, 0), (0.01, 2**63 - 1), (0.0, None)):
+        batch = client.sample(["digits"], n=2, max_tokens=2, temperature=temperature, seed=seed, fold=False)
+        assert len(batch.problems[0].samples) == 2
+
+
 def test_metrics(server):
     server.client().sample(["low"], n=2, max_tokens=1, fold=False)
     text = server.client().metrics()
@@ -224,11 +284,16 @@ def test_auth_required_off_loopback_and_checked_on_every_request(workspace, tmp_
         address = json.loads(srv.address.read_text())
         assert address["token_file"] == str(token_file) and "s3cret" not in srv.address.read_text()
         assert {"url", "host", "port", "pid"} <= set(address) and address["pid"] == srv.process.pid
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
+                        {"Authorization": "Basic s3cret-token"}, {"Authorization": "Bearer"},
+                        {"Authorization": "Bearers3cret-token"}):
             for method, path in (("GET", "/health"), ("GET", "/metrics"), ("GET", "/table"), ("POST", "/estimate")):
                 response = httpx.request(method, srv.url + path, headers=headers, json={})
                 assert response.status_code == 401, (headers, path)
         assert srv.client().health()["status"] == "ok"  # the token from the address file's token_file
+        for scheme in ("bearer", "BEARER", "bEaReR"):  # the scheme is case-insensitive (RFC 7235)
+            response = httpx.get(srv.url + "/health", headers={"Authorization": f"{scheme} s3cret-token"})
+            assert response.status_code == 200, scheme
         with pytest.raises(RequestRejected, match="HTTP 401"):
             RolloutClient(srv.url, token="wrong", retries=0).health()
     finally:

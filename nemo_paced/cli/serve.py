@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 
 from nemo_paced.rollout import TOKEN_ENV
+from nemo_paced.serving import add_server_arguments, server_token
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: str = "--model") -> None:
@@ -17,10 +17,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: str = "--m
                         help="hf: transformers (CPU or GPU); vllm: in-process vLLM (production); openai: a "
                              "separate `vllm serve` at --openai-url (reloads need VLLM_SERVER_DEV_MODE=1 there). "
                              "Default hf")
-    parser.add_argument(model_flag, dest="model", required=True,
+    parser.add_argument(model_flag, dest="model", required=True, metavar="DIR",
                         help="model directory (Hugging Face format, safetensors); "
                              "with --engine openai, the one the server was started from")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    parser.add_argument("--tokenizer", help=f"tokenizer directory (default: {model_flag})")
     parser.add_argument("--dtype", default=None, help="weights dtype (hf default float32, vllm default auto)")
     parser.add_argument("--device", help="hf engine device (default cuda if available, else cpu)")
     parser.add_argument("--batch-size", type=int, default=64,
@@ -51,8 +51,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: str = "--m
 
 
 def build_engine(args: argparse.Namespace):
+    from nemo_paced.localpaths import require_dir
     from nemo_paced.rollout.engines import create_engine
 
+    if args.engine != "openai":  # a mistyped local directory must not become a Hub download
+        require_dir(args.model, "model")
     if args.engine == "hf":
         options = {"tokenizer": args.tokenizer, "device": args.device, "dtype": args.dtype or "float32",
                    "batch_size": args.batch_size}
@@ -113,58 +116,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="replace: new estimates replace old ones (default); accumulate: old counts decay "
                              "by --decay and new ones add")
     parser.add_argument("--decay", type=float, default=0.5, help="decay of old counts in accumulate mode")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    parser.add_argument("--address-file", help="after binding, write {url, host, port, pid, token_file or "
-                                               "token_env, state_dir} here atomically, for clients to find the service")
-    parser.add_argument("--token-file", help="file holding the bearer token")
-    parser.add_argument("--token-env", default=TOKEN_ENV,
-                        help=f"environment variable holding the bearer token (default {TOKEN_ENV})")
     parser.add_argument("--max-k", type=int, default=64, help="largest K or n a request may ask for (default 64)")
     parser.add_argument("--max-batch", type=int, default=1024, help="most problems per /sample request")
-    parser.add_argument("--max-request-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
-    parser.add_argument("--log-level", default="info", help="uvicorn and service log level (default info)")
+    add_server_arguments(parser, TOKEN_ENV)
     parser.set_defaults(handler=serve)
-
-
-def _token(args: argparse.Namespace) -> tuple[str | None, dict[str, str]]:
-    """The bearer token and how the address file tells clients to find it (never the token itself)."""
-    if args.token_file:
-        with open(args.token_file, encoding="utf-8") as f:
-            token = f.read().strip()
-        if not token:
-            raise SystemExit(f"nemo-paced serve-rollouts: --token-file {args.token_file} is empty")
-        return token, {"token_file": os.path.abspath(args.token_file)}
-    token = os.environ.get(args.token_env) or None
-    return token, ({"token_env": args.token_env} if token else {})
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(args: argparse.Namespace) -> int:
     import logging
-    import socket
-    from pathlib import Path
 
-    token, token_hint = _token(args)
-    if token is None and not _is_loopback(args.host):
-        raise SystemExit(f"nemo-paced serve-rollouts: --host {args.host} is not a loopback address, so a bearer "
-                         f"token is required: set ${args.token_env} or pass --token-file")
+    token, token_hint = server_token(args, "serve-rollouts")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import uvicorn
-
-    from nemo_paced.atomic import atomic_write_json
     from nemo_paced.problems import load_problems
-    from nemo_paced.rollout.service import RolloutService, ServiceConfig, bind_socket, create_app
+    from nemo_paced.rollout.service import RolloutService, ServiceConfig, create_app
     from nemo_paced.rollout.verifiers import resolve
+    from nemo_paced.serving import listen, remove_address_if_ours, run
 
     try:
         config = ServiceConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
@@ -177,42 +144,14 @@ def serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"nemo-paced serve-rollouts: {e}") from None
     service = RolloutService(build_engine(args), problems, verifier, args.state_dir, config)
 
-    try:
-        sock = bind_socket(args.host, args.port)
-    except OSError as e:
-        raise SystemExit(f"nemo-paced serve-rollouts: cannot bind {args.host}:{args.port}: {e}") from None
-    port = sock.getsockname()[1]
-    url_host = socket.gethostname() if _is_unspecified(args.host) else args.host  # 0.0.0.0: other nodes use our name
-    url_host = f"[{url_host}]" if ":" in url_host else url_host
-    address = {"url": f"http://{url_host}:{port}", "host": args.host, "port": port, "pid": os.getpid(),
-               "hostname": socket.gethostname(), "state_dir": os.path.abspath(args.state_dir), **token_hint}
-    if args.address_file:
-        atomic_write_json(args.address_file, address)
+    sock, address = listen(args, "serve-rollouts", state_dir=os.path.abspath(args.state_dir), **token_hint)
     print(f"rollout service on {address['url']} ({len(problems)} problems, engine {args.engine}, "
           f"table version {service.table.version})", file=sys.stderr, flush=True)
+
     def cleanup() -> None:
         if args.address_file:
-            _remove_if_ours(Path(args.address_file))
+            remove_address_if_ours(args.address_file)
         service.engine.close()
 
-    app = create_app(service, on_shutdown=cleanup)
-    uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, access_log=False)).run(sockets=[sock])
+    run(create_app(service, on_shutdown=cleanup), sock, args.log_level)
     return 0
-
-
-def _is_unspecified(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
-
-
-def _remove_if_ours(path) -> None:
-    """On shutdown, remove the address file unless a newer service has replaced it."""
-    import json
-
-    try:
-        if json.loads(path.read_text(encoding="utf-8")).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass

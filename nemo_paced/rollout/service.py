@@ -24,11 +24,9 @@ A /sample or /weights request waits at most one estimation batch for the engine.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import logging
 import queue
-import socket
 import threading
 import time
 import uuid
@@ -36,16 +34,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Query
+from fastapi.responses import PlainTextResponse
+from pydantic import Field, field_validator
 
 from nemo_paced.atomic import atomic_write_json
 from nemo_paced.passrates import Outcome, PassRateTable, UpdateMode
 from nemo_paced.problems import Problem
-from nemo_paced.rollout.engines.base import Engine, SamplingParams
+from nemo_paced.rollout.engines.base import MIN_TEMPERATURE, SEED_RANGE, Engine, SamplingParams
 from nemo_paced.rollout.estimate import ProblemRollouts, batched, rollout
 from nemo_paced.rollout.verifiers import Verifier
+from nemo_paced.serving import Guard, RequestError, Strict, bind_socket, create_api
+
+__all__ = ["RolloutService", "ServiceConfig", "RequestError", "bind_socket", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,6 @@ class ServiceConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.k > self.max_k:
             raise ValueError(f"k ({self.k}) must not exceed max_k ({self.max_k})")
-
-
-class RequestError(ValueError):
-    """A request that names a valid shape but an unacceptable value; `field` names the culprit."""
-
-    def __init__(self, field: str, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.field, self.status = field, status
 
 
 @dataclass
@@ -356,63 +349,6 @@ class RolloutService:
 # --- HTTP ---------------------------------------------------------------------------------------
 
 
-class _Guard:
-    """ASGI middleware: bearer-token check on every request, then a bound on the body size.
-
-    The body is read here (up to the bound) and replayed to the app, so an oversized body is refused
-    with 413 before anything parses it, whether or not the client sent Content-Length.
-    """
-
-    def __init__(self, app, token: str | None, max_bytes: int, on_request) -> None:
-        self.app, self.max_bytes, self.on_request = app, max_bytes, on_request
-        self.token = None if token is None else f"Bearer {token}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        self.on_request()
-        headers = dict(scope["headers"])
-        if self.token is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self.token):
-            return await _reply(send, 401, {"detail": "missing or wrong bearer token (header Authorization)"},
-                                [(b"www-authenticate", b"Bearer")])
-        declared = headers.get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_bytes:
-            return await _reply(send, 413, {"detail": f"request body over {self.max_bytes} bytes"})
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await _reply(send, 413, {"detail": f"request body over {self.max_bytes} bytes"})
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-
-        async def replay():
-            nonlocal body
-            message, body = {"type": "http.request", "body": body, "more_body": False}, b""
-            return message
-
-        await self.app(scope, replay, send)
-
-
-async def _reply(send, status: int, payload: dict, headers: list | None = None) -> None:
-    data = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *(headers or [])]})
-    await send({"type": "http.response.body", "body": data})
-
-
-class Strict(BaseModel):
-    """Request bodies: unknown fields are refused, so a misspelt option is an error, not a default."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
 class EstimateRequest(Strict):
     ids: list[str] | None = None
     k: int | None = None
@@ -421,35 +357,24 @@ class EstimateRequest(Strict):
 class SampleRequest(Strict):
     ids: list[str] = Field(min_length=1)
     n: int = 1
-    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     fold: bool = True
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}: below it logits / temperature "
+                             f"overflow, got {value}")
+        return value
 
 
 class WeightsRequest(Strict):
     path: str = Field(min_length=1)
-    step: int | None = Field(None, ge=0)
-
-
-def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening TCP socket for `uvicorn.Server.run(sockets=[...])`; port 0 picks a free port.
-
-    It is created with proto IPPROTO_TCP, not 0, because asyncio sets TCP_NODELAY only on such
-    sockets' connections; without it every response waits ~40 ms for a delayed ACK (Nagle), as
-    bench/rollout_bench.py measured. Connections made before uvicorn serves wait in the backlog.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.listen(1024)
-    return sock
+    step: int | None = Field(None, ge=0, le=2**63 - 1)
 
 
 def create_app(service: RolloutService, on_shutdown: Callable[[], None] | None = None):
@@ -464,12 +389,7 @@ def create_app(service: RolloutService, on_shutdown: Callable[[], None] | None =
         if on_shutdown is not None:
             on_shutdown()
 
-    app = FastAPI(title="nemo-paced rollout service", lifespan=lifespan)
-
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, error: RequestError):
-        return JSONResponse(status_code=error.status, content={"detail": [
-            {"loc": ["body" if error.status == 422 else "path", error.field], "msg": str(error)}]})
+    app = create_api("nemo-paced rollout service", lifespan)
 
     # Handlers are plain functions: FastAPI runs them on its thread pool, so a long /sample does not
     # block /health or /table.
@@ -504,4 +424,4 @@ def create_app(service: RolloutService, on_shutdown: Callable[[], None] | None =
     def count():
         service.requests += 1  # approximate under concurrency; a metric, not an invariant
 
-    return _Guard(app, service.config.token, service.config.max_request_bytes, count)
+    return Guard(app, service.config.token, service.config.max_request_bytes, count)

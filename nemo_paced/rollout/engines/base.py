@@ -8,10 +8,15 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
+MIN_TEMPERATURE = 0.01  # smallest positive temperature: logits / temperature must not overflow fp32
+SEED_RANGE = (0, 2**63 - 1)  # seeds every engine accepts (torch.manual_seed, vLLM)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """n samples per prompt. temperature 0 means greedy decoding; top_p 1 disables nucleus sampling.
-    `seed` makes a call reproducible on the same engine and batch (None: fresh randomness)."""
+    """n samples per prompt. temperature 0 means greedy decoding, else it is at least MIN_TEMPERATURE;
+    top_p 1 disables nucleus sampling. `seed` (in SEED_RANGE) makes a call reproducible on the same
+    engine and batch (None: fresh randomness)."""
 
     n: int = 1
     temperature: float = 1.0
@@ -22,12 +27,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE)):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
+                             f"got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {self.seed}")
 
 
 @dataclass(frozen=True)
