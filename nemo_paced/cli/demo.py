@@ -12,17 +12,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train a tiny teacher and student on a synthetic task (running means of digits; difficulty = "
             "number of steps), start the rollout service on loopback, estimate pass rates over HTTP, build "
-            "teacher references, and distil with PACED (forward then reverse KL), PACED forward-KL only, "
-            "unweighted forward KL and the hard filter 0.2 < p < 0.8 under the same token budget. Prints the "
-            "accuracy table (mean ± std over seeds) and writes report.json and PNG plots into --out. "
+            "teacher references, and distil with PACED (forward then reverse KL), PACED forward-KL only, PACED in "
+            "sample mode, 'drop extremes' (w = 1 on 0 < p < 1), the hard filter 0.2 < p < 0.8 and unweighted "
+            "forward KL under the same token budget, every run on a freshly started rollout service. Prints the "
+            "accuracy table (mean ± std over seeds), paired differences over seeds with 95% intervals, the "
+            "compute of every method (tokens and FLOPs) and the gradient SNR per pass-rate bin, and writes "
+            "report.json and PNG plots into --out. --study runs the dose-response instead: the comparison from "
+            "three starting students of different pretraining depth, under one epoch of the pool. "
             "The tiny models are trained once and cached under --cache."))
     parser.add_argument("--quick", action="store_true",
-                        help="small task, pool and budget, one seed: the CI smoke run (< 3 min on 2 cores)")
+                        help="small task, pool and budget, two seeds, four methods: the CI smoke run "
+                             "(< 3 min on 2 cores)")
+    parser.add_argument("--study", action="store_true",
+                        help="the dose-response study (three starting students, ~15/50/80%% of the pool at "
+                             "p in {0,1}; about 45 min on 2 cores); writes OUT/study/report.json")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/nemo-paced"),
                         help="where pretrained tiny models are kept, keyed by their settings "
                              "(default .cache/nemo-paced)")
-    parser.add_argument("--seeds", type=int, help="number of seeds (default 5, or 1 with --quick)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default 5, or 2 with --quick)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only write the problem files and the tiny teacher and student (for the SLURM "
                              "chain); prints their paths and writes OUT/prepared.json")
@@ -43,6 +51,8 @@ def demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)  # tiny models: more threads only add contention on a small machine
+    if args.study and (args.quick or args.prepare_only):
+        raise SystemExit("nemo-paced demo: --study runs on its own (not with --quick or --prepare-only)")
     config = QUICK if args.quick else DemoConfig()
     if args.seeds is not None:
         if args.seeds < 1:
@@ -52,6 +62,17 @@ def demo(args: argparse.Namespace) -> int:
         prepared = prepare(config, args.out, args.cache)
         print(f"prepared: {args.out / 'prepared.json'}\n  teacher {prepared.teacher}\n  student {prepared.student}\n"
               f"  problems {prepared.problems} (pool {prepared.pool})")
+        return 0
+
+    if args.study:
+        from nemo_paced.demo.study import StudyConfig, format_study, run_study, scaled, write_study_plot
+
+        study = StudyConfig() if args.seeds is None else scaled(StudyConfig(), seeds=tuple(range(args.seeds)))
+        report = run_study(study, args.out / "study", args.cache)
+        print()
+        print(format_study(report))
+        print(f"plot: {write_study_plot(report, args.out / 'study')}")
+        print(f"report: {args.out / 'study' / 'report.json'} ({report['seconds']:.0f} s)")
         return 0
 
     from nemo_paced.demo.plots import write_plots

@@ -1,21 +1,27 @@
 """The demo experiment: PACED against the paper's baselines on the running-mean task, on one machine.
 
-Steps: build the task splits and the tiny teacher and student (cached), start the rollout service
-on loopback with the starting student, estimate pass rates over HTTP, build verified teacher
-references, measure the gradient SNR per pass-rate bin, then train every method for every seed
-from the same starting student under the same token budget with `nemo_paced.train.local`, and
-evaluate each (mean accuracy over 8 samples per problem).
+Steps: build the task splits and the tiny teacher and student (cached), make verified teacher
+references (for the pool, and for the test problems: the held-out gradient of the SNR diagnostic),
+estimate the starting pass rates over HTTP, then train every method for every seed from the same
+starting student under the same token budget with `nemo_paced.train.local`. Every run gets its own
+freshly started rollout service (an emptied state directory: no table, job or pooled on-policy score
+crosses runs), which also counts what the student generated for the compute accounting. After
+training, each run is evaluated on the test problems with `final_eval_samples` samples per problem,
+with the same sampling seed for every run (common random numbers sharpen the paired differences).
 
 The budget: every step of every method trains on the same number of response tokens,
 `batch_size` x the mean teacher-reference length over the pool (to within half a sequence), taking
 the drawn sequences in order from a draw of up to 2 x `batch_size`. A method that favours short
-problems trains on more sequences per step, not on fewer tokens.
+problems trains on more sequences per step, not on fewer tokens. Estimation and on-policy sampling
+are not equalised; they are counted (see `nemo_paced.demo.compute`).
 
 Methods (all with pass rates re-estimated every `refresh_every` steps where they use them):
-  paced       PACED weights w = p(1-p), forward KL then reverse KL (the paper's two-stage setting)
-  paced_fkl   PACED weights, forward KL only
-  uniform     unweighted forward KL
-  filter      hard filter 0.2 < p < 0.8, forward KL
+  paced          PACED weights w = p(1-p) on the loss, forward KL then reverse KL (the paper's setting)
+  paced_fkl      PACED weights on the loss, forward KL only
+  paced_sample   PACED weights as draw probabilities, unweighted loss, forward KL only
+  drop_extremes  w = 1 on 0 < p < 1, 0 at p in {0, 1}, forward KL (what is left of PACED without its shape)
+  filter         hard filter 0.2 < p < 0.8, forward KL
+  uniform        unweighted forward KL (pays for no pass-rate estimation)
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from nemo_paced.atomic import atomic_write_json
 from nemo_paced.problems import Problem, save_problems
@@ -33,7 +39,12 @@ from nemo_paced.tasks import ChainTask, make_splits
 from nemo_paced.tiny_models import PretrainConfig, TinyModelConfig, cached_pretrained
 from nemo_paced.weighting import WeightConfig
 
-METHODS = ("paced", "paced_fkl", "uniform", "filter")
+METHODS = ("paced", "paced_fkl", "paced_sample", "drop_extremes", "filter", "uniform")
+# Paired comparisons (a - b) the report makes: the paper's method against every baseline, then the
+# forward-KL-only PACED against the forward-KL baselines and its sample mode (the kernel's own effect).
+COMPARISONS = (("paced", "uniform"), ("paced", "filter"), ("paced", "drop_extremes"), ("paced", "paced_fkl"),
+               ("paced_fkl", "uniform"), ("paced_fkl", "filter"), ("paced_fkl", "drop_extremes"),
+               ("paced_fkl", "paced_sample"))
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,7 @@ class DemoConfig:
     student_pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
         steps=500, level_weights={1: 0.35, 2: 0.3, 3: 0.2, 4: 0.1, 5: 0.04, 6: 0.01}, seed=2))
     pool_per_level: int = 400
-    test_per_level: int = 40
+    test_per_level: int = 40  # level 1 has only 100 distinct problems (test, retained and pool share them)
     retained_size: int = 100
     steps: int = 120
     batch_size: int = 64  # sequences per step at the pool's mean reference length (sets the token budget)
@@ -58,8 +69,11 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     methods: tuple[str, ...] = METHODS
     k: int = 8
-    eval_samples: int = 8
-    snr_per_bin: int = 32
+    eval_samples: int = 4  # per test problem at the evaluations during training (the curves)
+    final_eval_samples: int = 64  # per test problem at the final evaluation (the tables)
+    eval_seed: int = 20261205  # the same for every run's final evaluation
+    snr_per_bin: int = 64
+    final_estimate: bool = True  # re-estimate the pool after the first seed's runs (the "after" histograms)
 
 
 QUICK = DemoConfig(
@@ -68,24 +82,32 @@ QUICK = DemoConfig(
     teacher_pretrain=PretrainConfig(steps=300, level_weights={level: 1.0 for level in range(1, 5)}, seed=1),
     student_pretrain=PretrainConfig(steps=200, level_weights={1: 0.5, 2: 0.3, 3: 0.2}, seed=2),
     pool_per_level=60, test_per_level=20, retained_size=40, steps=30, batch_size=32, refresh_every=15,
-    eval_every=15, seeds=(0,), snr_per_bin=8)
+    eval_every=15, seeds=(0, 1), methods=("paced", "paced_fkl", "drop_extremes", "uniform"),
+    final_eval_samples=16, snr_per_bin=12)
 
 
 def method_overrides(method: str, config: DemoConfig) -> dict[str, Any]:
     """The LocalTrainConfig settings that define a method (everything else is shared)."""
     refresh = config.refresh_every
+    fkl_only = TwoStageSchedule(config.steps, 1.0, refresh_every=refresh)
     if method == "paced":
         return {"weighting": WeightConfig(mode="loss"),
                 "schedule": TwoStageSchedule(config.steps, config.fkl_fraction, refresh_every=refresh)}
     if method == "paced_fkl":
-        return {"weighting": WeightConfig(mode="loss"), "schedule": TwoStageSchedule(config.steps, 1.0,
-                                                                                      refresh_every=refresh)}
+        return {"weighting": WeightConfig(mode="loss"), "schedule": fkl_only}
+    if method == "paced_sample":
+        return {"weighting": WeightConfig(mode="sample"), "schedule": fkl_only}
+    if method == "drop_extremes":
+        return {"weighting": WeightConfig(mode="filter", band=(0.0, 1.0)), "schedule": fkl_only}
+    if method == "filter":
+        return {"weighting": WeightConfig(mode="filter", band=(0.2, 0.8)), "schedule": fkl_only}
     if method == "uniform":
         return {"weighting": WeightConfig(mode="uniform"), "schedule": TwoStageSchedule(config.steps, 1.0)}
-    if method == "filter":
-        return {"weighting": WeightConfig(mode="filter", band=(0.2, 0.8)),
-                "schedule": TwoStageSchedule(config.steps, 1.0, refresh_every=refresh)}
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def uses_pass_rates(method: str) -> bool:
+    return method != "uniform"
 
 
 @dataclass(frozen=True)
@@ -120,83 +142,219 @@ def prepare(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], Non
     return prepared
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What every run of one experiment shares: models, files, the starting table and its cost."""
+
+    config: DemoConfig
+    prepared: Prepared
+    problems: list[Problem]
+    references: Path
+    passrates: Path
+    tokens_per_step: int
+    prompt_tokens: int  # every prompt of the task has this many tokens
+    n_student: int
+    n_teacher: int
+    start_estimation: dict[str, int]  # rollout totals of the starting estimate
+
+    @property
+    def pool(self) -> list[Problem]:
+        return [p for p in self.problems if p.meta["split"] == "train"]
+
+    @property
+    def tests(self) -> list[Problem]:
+        return [p for p in self.problems if p.meta["split"] == "test"]
+
+
+def start_setting(config: DemoConfig, out: Path, prepared: Prepared, say: Callable[[str], None] = print,
+                  student: str | None = None, label: str = "start") -> tuple[Setting, dict[str, Any]]:
+    """References (made once per `out`), the pass rates and the large evaluation of the starting
+    `student` (default: the prepared one). Returns the setting and {table, evaluation, timings}."""
+    from nemo_paced.demo.compute import parameter_count
+    from nemo_paced.demo.service import Usage, loopback_service
+    from nemo_paced.problems import load_problems
+    from nemo_paced.references import ReferenceConfig, make_references
+    from nemo_paced.rollout.engines.hf import HFEngine
+    from nemo_paced.rollout.verifiers import resolve
+
+    student = student or prepared.student
+    problems = load_problems(prepared.problems)
+    pool = [p for p in problems if p.meta["split"] == "train"]
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+    references = out / "references.jsonl"
+    reference_config = ReferenceConfig(n=1, template="raw", temperature=0.0, max_tokens=prepared.max_tokens,
+                                       batch_problems=256)
+    teacher = HFEngine(prepared.teacher, device="cpu", batch_size=1024)
+    summary = make_references(teacher, pool, resolve("exact"), references, reference_config)
+    heldout = [p for p in problems if p.meta["split"] == "test" and p.meta["benchmark"].startswith("L")]
+    make_references(teacher, heldout, resolve("exact"), out / "heldout_references.jsonl", reference_config)
+    timings["references"] = time.perf_counter() - mark
+    tokens_per_step = token_budget_per_step(config, references)
+
+    mark = time.perf_counter()
+    usage = Usage()
+    with loopback_service(student, problems, out / "service" / label, k=config.k, max_tokens=prepared.max_tokens,
+                          usage=usage) as url:
+        table = estimate_pool(url, [p.id for p in pool])
+        timings["estimate"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        evaluation = evaluate(url, [p for p in problems if p.meta["split"] == "test"], config)
+        timings["start_eval"] = time.perf_counter() - mark
+    passrates = out / f"passrates_{label}.jsonl"
+    table.save(passrates)
+    setting = Setting(config, replace(prepared, student=student), problems, references, passrates, tokens_per_step,
+                      prompt_tokens=_prompt_tokens(student, pool[0]), n_student=parameter_count(student),
+                      n_teacher=parameter_count(prepared.teacher), start_estimation=usage.total("estimate"))
+    say(f"teacher references: {summary.report()}")
+    say(f"budget for every method: {config.steps} steps x {tokens_per_step} response tokens")
+    say(f"pass rates of {label}: {len(table)} problems, K={config.k} ({timings['estimate']:.0f} s over HTTP)")
+    return setting, {"table": table, "evaluation": evaluation, "timings": timings, "references": summary}
+
+
+def estimate_pool(url: str, ids: Sequence[str]):
+    """Pass rates of the service's current weights on `ids`, as a table."""
+    from nemo_paced.passrates import PassRateTable
+    from nemo_paced.rollout.client import RolloutClient
+
+    with RolloutClient(url) as client:
+        client.wait(client.estimate(list(ids)), poll=0.1)
+        table = PassRateTable()
+        version, records = client.table_since(0)
+        table.merge(records, version)
+    return table
+
+
+def evaluate(url: str, tests: Sequence[Problem], config: DemoConfig, weights: str | Path | None = None,
+             step: int | None = None) -> dict[str, Any]:
+    """Accuracy per benchmark with its sampling standard error: `final_eval_samples` samples per
+    test problem at the fixed `eval_seed` (scores not pooled into the table)."""
+    from nemo_paced.demo.stats import accuracy_with_se
+    from nemo_paced.rollout.client import RolloutClient
+
+    per_problem = []
+    with RolloutClient(url) as client:
+        if weights is not None:
+            client.load_weights(Path(weights).resolve(), step=step)
+        for start in range(0, len(tests), 256):
+            chunk = tests[start:start + 256]
+            batch = client.sample([p.id for p in chunk], n=config.final_eval_samples,
+                                  seed=config.eval_seed + start, fold=False)
+            per_problem += [(p.meta["benchmark"], r.successes, r.trials) for p, r in zip(chunk, batch.problems)]
+    return accuracy_with_se(per_problem)
+
+
+def run_method(setting: Setting, method: str, seed: int, out: Path, progress: bool = True,
+               snapshots: dict[int, Path] | None = None) -> dict[str, Any]:
+    """One training run on its own fresh service, its final evaluation and its compute."""
+    from nemo_paced.demo.compute import run_compute
+    from nemo_paced.demo.service import Usage, loopback_service
+    from nemo_paced.train.local import LocalTrainConfig, train
+
+    config, prepared = setting.config, setting.prepared
+    name = f"{method}-seed{seed}"
+    run_dir = out / "runs" / name
+    usage = Usage()
+    started = time.perf_counter()
+    with loopback_service(prepared.student, setting.problems, out / "service" / name, k=config.k,
+                          max_tokens=prepared.max_tokens, usage=usage, snapshots=snapshots) as url:
+        result = train(LocalTrainConfig(
+            student=prepared.student, teacher=prepared.teacher, problems=prepared.problems,
+            references=str(setting.references), passrates=str(setting.passrates), rollout=url,
+            out_dir=str(run_dir), batch_size=2 * config.batch_size, tokens_per_step=setting.tokens_per_step,
+            lr=config.lr, seq_length=config.task.prompt_width + prepared.max_tokens, eval_every=config.eval_every,
+            eval_samples=config.eval_samples, rkl_sync_every=config.rkl_sync_every,
+            checkpoint_every=max(config.steps // 2, 1), seed=seed,
+            final_estimate=config.final_estimate and seed == config.seeds[0],
+            progress=progress,
+            **method_overrides(method, config)))
+        if result["status"] == "preempted":
+            raise SystemExit(f"stopped by a signal during {method} seed {seed} (checkpoint in {run_dir})")
+        final = evaluate(url, setting.tests, config, weights=run_dir / "final", step=config.steps)
+
+    def compute(before: int) -> dict[str, Any]:
+        estimation = usage.total("estimate", before_step=before)
+        if uses_pass_rates(method):
+            estimation = {k: v + setting.start_estimation[k] for k, v in estimation.items()}
+        steps = [s for s in result["history"]["steps"] if s["step"] < before]
+        return run_compute(steps, setting.prompt_tokens, estimation, usage.total("onpolicy", before_step=before),
+                           setting.n_student, setting.n_teacher)
+
+    evals = result["history"]["evals"]
+    curve = [compute(e["step"]) for e in evals]
+    return {"result": result, "final": final, "compute": compute(config.steps),
+            "curve": {"steps": [e["step"] for e in evals], "accuracy": [e["accuracy"] for e in evals],
+                      "training_tokens": [c["training_tokens"] for c in curve],
+                      "total_flops": [c["total_flops"] for c in curve]},
+            "seconds": time.perf_counter() - started}
+
+
 def run_demo(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], None] = print,
              progress: bool = True) -> dict[str, Any]:
     """The whole experiment; returns the report (also written to out/report.json)."""
     from nemo_paced.demo.report import build_report
-    from nemo_paced.demo.service import loopback_service
-    from nemo_paced.demo.snr import gradient_snr_by_pass_rate
-    from nemo_paced.passrates import PassRateTable
-    from nemo_paced.problems import load_problems
-    from nemo_paced.references import ReferenceConfig, make_references
-    from nemo_paced.rollout.client import RolloutClient
-    from nemo_paced.rollout.engines.hf import HFEngine
-    from nemo_paced.rollout.verifiers import resolve
-    from nemo_paced.train.local import LocalTrainConfig, train
 
     started = time.perf_counter()
-    timings: dict[str, float] = {}
-    for stale in ("runs", "service"):  # a new experiment: never resume another one's runs or table
+    for stale in ("runs", "service", "snapshots"):  # a new experiment: never resume another one's runs or table
         shutil.rmtree(out / stale, ignore_errors=True)
     prepared = prepare(config, out, cache, say)
-    timings["prepare"] = time.perf_counter() - started
-    problems = load_problems(prepared.problems)
-    pool = [p for p in problems if p.meta["split"] == "train"]
+    timings: dict[str, float] = {"prepare": time.perf_counter() - started}
+    setting, start = start_setting(config, out, prepared, say)
+    timings.update(start["timings"])
 
     mark = time.perf_counter()
-    references = out / "references.jsonl"
-    summary = make_references(HFEngine(prepared.teacher, device="cpu", batch_size=1024), pool, resolve("exact"),
-                              references, ReferenceConfig(n=1, template="raw", temperature=0.0,
-                                                          max_tokens=prepared.max_tokens, batch_problems=256))
-    say(f"teacher references: {summary.report()}")
-    timings["references"] = time.perf_counter() - mark
-    tokens_per_step = token_budget_per_step(config, references)
-    say(f"budget for every method: {config.steps} steps x {tokens_per_step} response tokens")
-
+    switch = TwoStageSchedule(config.steps, config.fkl_fraction).switch_step
+    probe_method = "paced" if "paced" in config.methods else config.methods[0]
+    snapshots = {switch: out / "snapshots" / "switch"}
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in config.methods}
-    with loopback_service(prepared.student, problems, out / "service", k=config.k,
-                          max_tokens=prepared.max_tokens) as url:
-        say(f"rollout service on {url}")
-        mark = time.perf_counter()
-        with RolloutClient(url) as client:
-            client.wait(client.estimate([p.id for p in pool]), poll=0.1)
-            table = PassRateTable()
-            version, records = client.table_since(0)
-            table.merge(records, version)
-        table.save(out / "passrates_start.jsonl")
-        timings["estimate"] = time.perf_counter() - mark
-        say(f"pass rates of the starting student: {len(table)} problems, K={config.k} "
-            f"({timings['estimate']:.0f} s over HTTP)")
+    for seed in config.seeds:
+        for method in config.methods:
+            probe = seed == config.seeds[0] and method == probe_method
+            runs[method][seed] = run = run_method(setting, method, seed, out, progress,
+                                                  snapshots=snapshots if probe else None)
+            say(f"{method} seed {seed}: {run['seconds']:.0f} s, final mean over levels "
+                f"{run['final']['accuracy']['mean']:.1f} (SE {run['final']['se']['mean']:.2f})")
+    timings["training"] = time.perf_counter() - mark
 
-        mark = time.perf_counter()
-        snr = gradient_snr_by_pass_rate(prepared.student, prepared.teacher, pool, table, references,
-                                        per_bin=config.snr_per_bin, k=config.k)
-        timings["snr"] = time.perf_counter() - mark
-
-        mark = time.perf_counter()
-        for seed in config.seeds:
-            for method in config.methods:
-                run_dir = out / "runs" / f"{method}-seed{seed}"
-                train_config = LocalTrainConfig(
-                    student=prepared.student, teacher=prepared.teacher, problems=prepared.problems,
-                    references=str(references), passrates=str(out / "passrates_start.jsonl"), rollout=url,
-                    out_dir=str(run_dir), batch_size=2 * config.batch_size, tokens_per_step=tokens_per_step,
-                    lr=config.lr,
-                    seq_length=config.task.prompt_width + prepared.max_tokens, eval_every=config.eval_every,
-                    eval_samples=config.eval_samples, rkl_sync_every=config.rkl_sync_every,
-                    checkpoint_every=max(config.steps // 2, 1), seed=seed,
-                    progress=progress, **method_overrides(method, config))
-                run_started = time.perf_counter()
-                runs[method][seed] = train(train_config)
-                if runs[method][seed]["status"] == "preempted":
-                    raise SystemExit(f"stopped by a signal during {method} seed {seed} (checkpoint in {run_dir})")
-                say(f"{method} seed {seed}: {time.perf_counter() - run_started:.0f} s, final "
-                    f"{_summary(runs[method][seed])}")
-        timings["training"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    probe_run = out / "runs" / f"{probe_method}-seed{config.seeds[0]}"
+    snr = snr_at_checkpoints(setting, out, start["table"], {
+        "switch": snapshots[switch] if snapshots[switch].exists() else None, "end": probe_run / "final"})
+    timings["snr"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
-    report = build_report(config, table, snr, runs, timings, summary)
+    report = build_report(config, setting, start, snr, runs, timings, probe=f"{probe_method} seed {config.seeds[0]}")
     atomic_write_json(out / "report.json", report)
     return report
+
+
+def snr_at_checkpoints(setting: Setting, out: Path, start_table, checkpoints: dict[str, Path | None]
+                       ) -> dict[str, Any]:
+    """The SNR diagnostic for the starting student (its starting table) and each checkpoint (pass
+    rates re-estimated for it on a fresh service)."""
+    from nemo_paced.demo.service import loopback_service
+    from nemo_paced.demo.snr import gradient_snr_by_pass_rate
+    from nemo_paced.references import load_references
+
+    from transformers import AutoTokenizer
+
+    config, prepared = setting.config, setting.prepared
+    tokenizer = AutoTokenizer.from_pretrained(prepared.student)
+    references = {i: refs[0].text for i, refs in load_references(setting.references).items()}
+    held = load_references(out / "heldout_references.jsonl")
+    heldout = [(p, held[p.id][0].text) for p in setting.tests if p.id in held]
+    pool = setting.pool
+    result = {"start": gradient_snr_by_pass_rate(prepared.student, prepared.teacher, pool, start_table, references,
+                                                 heldout, per_bin=config.snr_per_bin, k=config.k)}
+    for label, model in checkpoints.items():
+        if model is None:
+            continue
+        tokenizer.save_pretrained(model)  # pushed weights are saved without their tokenizer
+        with loopback_service(str(model), setting.problems, out / "service" / f"snr-{label}", k=config.k,
+                              max_tokens=prepared.max_tokens) as url:
+            table = estimate_pool(url, [p.id for p in pool])
+        result[label] = gradient_snr_by_pass_rate(str(model), prepared.teacher, pool, table, references, heldout,
+                                                  per_bin=config.snr_per_bin, k=config.k)
+    return result
 
 
 def token_budget_per_step(config: DemoConfig, references: Path) -> int:
@@ -207,10 +365,13 @@ def token_budget_per_step(config: DemoConfig, references: Path) -> int:
     return max(1, round(config.batch_size * sum(lengths) / len(lengths)))
 
 
+def _prompt_tokens(student: str, problem: Problem) -> int:
+    from transformers import AutoTokenizer
+
+    from nemo_paced.batches import BatchBuilder
+
+    return len(BatchBuilder(AutoTokenizer.from_pretrained(student), seq_length=64).prompt_ids(problem.prompt))
+
+
 def _with_meta(problem: Problem, **meta: Any) -> Problem:
     return replace(problem, meta={**problem.meta, **meta})
-
-
-def _summary(result: dict[str, Any]) -> str:
-    accuracy = result["history"]["evals"][-1]["accuracy"]
-    return ", ".join(f"{name} {value:.1f}" for name, value in accuracy.items())

@@ -1,5 +1,6 @@
-"""The demo's report: accuracy per method and benchmark (mean ± std over seeds, and per seed), the
-pass-rate spread over time, draws per kept problem, tokens trained, and a plain verdict."""
+"""The demo's report: accuracy per method and benchmark (mean ± std over seeds, per seed, and each
+evaluation's standard error), paired differences over seeds with intervals, compute accounting,
+the pass-rate spread over time, draws per kept problem, the SNR diagnostic and a plain verdict."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from nemo_paced.passrates import PassRateTable
+from nemo_paced.demo.compute import FORMULA
+from nemo_paced.demo.stats import paired_difference, verdict_word
 from nemo_paced.train.local import jsonable
 from nemo_paced.weighting import extreme_fraction, pass_rate_histogram
 
@@ -24,106 +26,183 @@ def _stats(values: list[float]) -> dict[str, float]:
             "n": len(values)}
 
 
-def _with_mean(accuracy: dict[str, float]) -> dict[str, float]:
-    levels = {name: v for name, v in accuracy.items() if name.startswith("L")}
-    rest = {name: v for name, v in accuracy.items() if name not in levels}
-    return {**levels, MEAN: statistics.fmean(levels.values()), **rest}
+def _ordered(accuracy: dict[str, float]) -> dict[str, float]:
+    """Levels in order, then the mean over levels, then the other benchmarks."""
+    levels = sorted((name for name in accuracy if name.startswith("L")), key=lambda n: int(n[1:]))
+    if levels and MEAN not in accuracy:
+        accuracy = {**accuracy, MEAN: statistics.fmean(accuracy[n] for n in levels)}
+    rest = [name for name in accuracy if name not in levels and name != MEAN]
+    return {name: accuracy[name] for name in levels + ([MEAN] if levels else []) + rest}
 
 
-def build_report(config, table: PassRateTable, snr: list[dict[str, Any]], runs: dict[str, dict[int, dict]],
-                 timings: dict[str, float], references) -> dict[str, Any]:
+def start_summary(table, evaluation: dict[str, Any], k: int) -> dict[str, Any]:
     ids = [r.problem_id for r in table.records()]
     successes, trials, _ = table.counts(ids)
     at_zero, at_one = extreme_fraction(successes, trials)
-    first = next(iter(next(iter(runs.values())).values()))
-    start_accuracy = _with_mean(first["history"]["evals"][0]["accuracy"])
-    methods = {}
-    for method, by_seed in runs.items():
-        finals = {seed: _with_mean(r["history"]["evals"][-1]["accuracy"]) for seed, r in by_seed.items()}
-        benchmarks = list(next(iter(finals.values())))
-        curve_steps = [e["step"] for e in next(iter(by_seed.values()))["history"]["evals"]]
-        curves = [[_with_mean(e["accuracy"])[MEAN] for e in r["history"]["evals"]] for r in by_seed.values()]
-        methods[method] = {
-            "final": {b: _stats([finals[s][b] for s in finals]) for b in benchmarks},
-            "per_seed": {str(s): finals[s] for s in finals},
-            "forgetting": _stats([start_accuracy["retained"] - finals[s]["retained"] for s in finals])
-            if "retained" in start_accuracy else None,
-            "curve": {"steps": curve_steps, "mean": np.mean(curves, axis=0).tolist(),
-                      "std": np.std(curves, axis=0).tolist()},
-            "passrates": {str(s): r["history"]["passrates"] for s, r in by_seed.items()},
-            "draws": {str(s): r["draws"] for s, r in by_seed.items()},
-            "tokens": {str(s): r["tokens"] for s, r in by_seed.items()},
-            "sequences": {str(s): r["sequences"] for s, r in by_seed.items()},
-        }
+    return {"accuracy": _ordered(evaluation["accuracy"]), "se": evaluation["se"], "at_zero": at_zero,
+            "at_one": at_one, "histogram": pass_rate_histogram(successes / trials, k).tolist()}
+
+
+def method_summary(by_seed: dict[int, dict[str, Any]], start_accuracy: dict[str, float]) -> dict[str, Any]:
+    """One method over its seeds (`by_seed` holds `run_method` results)."""
+    finals = {seed: _ordered(r["final"]["accuracy"]) for seed, r in by_seed.items()}
+    benchmarks = list(next(iter(finals.values())))
+    first = next(iter(by_seed.values()))
+    curves = np.array([[_ordered(a)[MEAN] for a in r["curve"]["accuracy"]] for r in by_seed.values()])
+    compute_keys = [k for k, v in first["compute"].items() if isinstance(v, (int, float))]
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
-                   f"Python {platform.python_version()}",
-        "config": jsonable(asdict(config)),
-        "budget": {"steps": first["config"]["schedule"]["total_steps"],
-                   "tokens_per_step": first["config"]["tokens_per_step"]},
-        "timings_s": timings,
-        "references": {"problems": references.problems, "with_reference": references.with_reference},
-        "start": {"accuracy": start_accuracy, "at_zero": at_zero, "at_one": at_one,
-                  "histogram": pass_rate_histogram(successes / trials, config.k).tolist()},
-        "methods": methods,
-        "snr": snr,
-        "verdict": verdict(methods),
+        "final": {b: _stats([finals[s][b] for s in finals]) for b in benchmarks},
+        "per_seed": {str(s): finals[s] for s in finals},
+        "eval_se": {str(s): r["final"]["se"] for s, r in by_seed.items()},
+        "forgetting": _stats([start_accuracy["retained"] - finals[s]["retained"] for s in finals])
+        if "retained" in start_accuracy else None,
+        "curve": {"steps": first["curve"]["steps"], "mean": curves.mean(axis=0).tolist(),
+                  "std": curves.std(axis=0).tolist(),
+                  "training_tokens": np.mean([r["curve"]["training_tokens"] for r in by_seed.values()], axis=0).tolist(),
+                  "total_flops": np.mean([r["curve"]["total_flops"] for r in by_seed.values()], axis=0).tolist()},
+        "compute": {"mean": {k: statistics.fmean(r["compute"][k] for r in by_seed.values()) for k in compute_keys},
+                    "flops": {k: statistics.fmean(r["compute"]["flops"][k] for r in by_seed.values())
+                              for k in first["compute"]["flops"]},
+                    "per_seed": {str(s): r["compute"] for s, r in by_seed.items()}},
+        "passrates": {str(s): r["result"]["history"]["passrates"] for s, r in by_seed.items()},
+        "draws": {str(s): r["result"]["draws"] for s, r in by_seed.items()},
+        "tokens": {str(s): r["result"]["tokens"] for s, r in by_seed.items()},
+        "sequences": {str(s): r["result"]["sequences"] for s, r in by_seed.items()},
+        "seconds": {str(s): r["seconds"] for s, r in by_seed.items()},
     }
 
 
-def verdict(methods: dict[str, Any]) -> str:
-    """Whether PACED beat the unweighted and hard-filter baselines on the mean over levels, by how
-    much, and on how many seeds."""
-    if "paced" not in methods:
-        return "PACED was not run."
-    paced = methods["paced"]
+def paired_rows(methods: dict[str, Any], comparisons, benchmarks=(MEAN, "retained")) -> list[dict[str, Any]]:
+    """Paired differences a - b over seeds for every comparison whose methods both ran."""
+    rows = []
+    for a, b in comparisons:
+        if a in methods and b in methods:
+            for benchmark in benchmarks:
+                if benchmark in methods[a]["final"]:
+                    ours = {s: acc[benchmark] for s, acc in methods[a]["per_seed"].items()}
+                    theirs = {s: acc[benchmark] for s, acc in methods[b]["per_seed"].items()}
+                    rows.append({"a": a, "b": b, "benchmark": benchmark, **paired_difference(ours, theirs)})
+    return rows
+
+
+def build_report(config, setting, start: dict[str, Any], snr: dict[str, Any], runs: dict[str, dict[int, dict]],
+                 timings: dict[str, float], probe: str = "") -> dict[str, Any]:
+    from nemo_paced.demo.experiment import COMPARISONS
+
+    start_block = start_summary(start["table"], start["evaluation"], config.k)
+    methods = {m: method_summary(by_seed, start_block["accuracy"]) for m, by_seed in runs.items() if by_seed}
+    se = [v[MEAN] for m in methods.values() for v in m["eval_se"].values()]
+    paired = paired_rows(methods, COMPARISONS)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "config": jsonable(asdict(config)),
+        "budget": {"steps": config.steps, "tokens_per_step": setting.tokens_per_step,
+                   "pool": len(setting.pool),
+                   "epochs": config.steps * config.batch_size / max(len(setting.pool), 1)},
+        "timings_s": timings,
+        "references": {"problems": start["references"].problems,
+                       "with_reference": start["references"].with_reference},
+        "evaluation": {"samples_per_problem": config.final_eval_samples, "seed": config.eval_seed,
+                       "problems": {b: sum(p.meta["benchmark"] == b for p in setting.tests)
+                                    for b in sorted({p.meta["benchmark"] for p in setting.tests})},
+                       "max_se_mean": max(se) if se else None},
+        "compute": {"formula": FORMULA, "n_student": setting.n_student, "n_teacher": setting.n_teacher,
+                    "prompt_tokens": setting.prompt_tokens, "start_estimation": setting.start_estimation},
+        "start": start_block,
+        "methods": methods,
+        "paired": paired,
+        "snr": {"model": probe, **snr},
+        "verdict": verdict(paired),
+    }
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def verdict(paired: list[dict[str, Any]], benchmark: str = MEAN) -> str:
+    """Per comparison on the mean over levels: the paired mean difference, its 95 % t interval, the
+    seeds won, and 'ahead'/'behind' only when that interval excludes 0."""
     lines = []
-    for baseline in ("uniform", "filter", "paced_fkl"):
-        if baseline not in methods:
+    for row in paired:
+        if row["benchmark"] != benchmark:
             continue
-        other = methods[baseline]
-        diff = paced["final"][MEAN]["mean"] - other["final"][MEAN]["mean"]
-        seeds = paced["per_seed"].keys() & other["per_seed"].keys()
-        wins = sum(paced["per_seed"][s][MEAN] > other["per_seed"][s][MEAN] for s in seeds)
-        word = "beat" if diff > 0 else "did not beat"
-        lines.append(f"PACED (two-stage) {word} {baseline} by {diff:+.1f} points of mean accuracy over levels "
-                     f"({wins} of {len(seeds)} seeds better).")
-    return " ".join(lines)
+        low, high = row["t_ci95"]
+        lines.append(f"{row['a']} vs {row['b']}: {row['mean']:+.2f} points [{low:+.2f}, {high:+.2f}] "
+                     f"({row['better']} of {row['n']} seeds better): {verdict_word(row)}.")
+    return "\n".join(lines) if lines else "No paired comparison was run."
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The accuracy table in the paper's shape (method x benchmark, mean ± std over seeds), then the
-    pass-rate spread and draws per kept problem."""
+    paired differences, the compute, the pass-rate spread and the SNR."""
     methods = report["methods"]
-    benchmarks = list(report["start"]["accuracy"])
-    head = f"{'method':<12}" + "".join(f"{b:>13}" for b in benchmarks) + f"{'forgetting':>13}"
+    start = report["start"]
+    benchmarks = list(start["accuracy"])
+    head = f"{'method':<14}" + "".join(f"{b:>12}" for b in benchmarks) + f"{'forgetting':>12}"
     lines = [head, "-" * len(head)]
-    lines.append(f"{'start':<12}" + "".join(f"{report['start']['accuracy'][b]:>13.1f}" for b in benchmarks))
+    lines.append(f"{'start':<14}" + "".join(f"{start['accuracy'][b]:>12.1f}" for b in benchmarks))
     for name, m in methods.items():
-        cells = "".join(f"{m['final'][b]['mean']:>7.1f} ± {m['final'][b]['std']:<3.1f}" for b in benchmarks)
+        cells = "".join(f"{m['final'][b]['mean']:>6.1f} ± {m['final'][b]['std']:<3.1f}" for b in benchmarks)
         forgetting = m["forgetting"]
-        lines.append(f"{name:<12}" + cells + (f"{forgetting['mean']:>7.1f} ± {forgetting['std']:<3.1f}"
+        lines.append(f"{name:<14}" + cells + (f"{forgetting['mean']:>6.1f} ± {forgetting['std']:<3.1f}"
                                              if forgetting else ""))
     seeds = next(iter(methods.values()))["final"][MEAN]["n"]
-    lines.append(f"mean accuracy (%) over {report['config']['eval_samples']} samples per problem; ± is the std "
-                 f"over {seeds} seed(s); forgetting = retained-skills accuracy lost since the start")
+    evaluation = report["evaluation"]
+    lines.append(f"accuracy (%) over {evaluation['samples_per_problem']} samples per test problem; ± is the std over "
+                 f"{seeds} seed(s); largest evaluation SE of a run's mean: {evaluation['max_se_mean']:.2f} points")
     lines.append("")
-    lines.append(f"start: {100 * report['start']['at_zero']:.0f}% of the pool at p=0, "
-                 f"{100 * report['start']['at_one']:.0f}% at p=1; histogram of K*p: {report['start']['histogram']}")
+    lines.append(f"{'paired difference (a - b)':<34}{'bench':>9}{'mean':>8}{'95% t interval':>20}"
+                 f"{'95% bootstrap':>20}{'Wilcoxon p':>12}{'a better':>10}")
+    for row in report["paired"]:
+        lines.append(f"{row['a'] + ' - ' + row['b']:<34}{row['benchmark']:>9}{row['mean']:>+8.2f}"
+                     f"{_interval(row['t_ci95']):>20}{_interval(row['bootstrap_ci95']):>20}"
+                     f"{row['wilcoxon_p']:>12.3f}{row['better']:>6} / {row['n']}")
+    lines.append("")
+    lines.append(f"compute per run (mean over seeds); {report['compute']['formula']}")
+    lines.append(f"{'method':<14}{'train tok':>11}{'teacher tok':>12}{'estim tok':>11}{'on-pol tok':>11}"
+                 f"{'total GFLOP':>13}{'vs uniform':>11}")
+    base = methods.get("uniform", {}).get("compute", {}).get("mean", {}).get("total_flops")
+    for name, m in methods.items():
+        c = m["compute"]["mean"]
+        ratio = f"{c['total_flops'] / base:>10.2f}x" if base else ""
+        lines.append(f"{name:<14}{c['training_tokens']:>11.0f}{c['teacher_tokens']:>12.0f}"
+                     f"{c['estimation_tokens']:>11.0f}{c['onpolicy_tokens']:>11.0f}"
+                     f"{c['total_flops'] / 1e9:>13.2f}{ratio}")
+    lines.append("")
+    lines.append(f"start: {100 * start['at_zero']:.0f}% of the pool at p=0, {100 * start['at_one']:.0f}% at p=1; "
+                 f"histogram of K*p: {start['histogram']}")
     budget = report["budget"]
-    lines.append(f"budget of every run: {budget['steps']} steps x {budget['tokens_per_step'] or 'all'} response "
-                 f"tokens per step")
-    lines.append(f"{'method':<12}{'p in {0,1} over time (%)':<40}{'kept':>8}{'draws/kept':>12}{'tokens':>10}"
-                 f"{'sequences':>11}")
+    lines.append(f"budget of every run: {budget['steps']} steps x {budget['tokens_per_step']} response tokens per "
+                 f"step (about {budget['epochs']:.1f} epochs of the {budget['pool']}-problem pool)")
+    lines.append(f"{'method':<14}{'p in {0,1} over time (%)':<34}{'kept':>8}{'draws/kept':>12}{'sequences':>11}")
     for name, m in methods.items():
         seed = next(iter(m["passrates"]))
         extremes = " ".join(f"{100 * (e['at_zero'] + e['at_one']):.0f}" for e in m["passrates"][seed])
         draws = m["draws"][seed]
-        lines.append(f"{name:<12}{extremes:<40}{draws['distinct']:>8}{draws['per_drawn_problem']:>12.1f}"
-                     f"{m['tokens'][seed]:>10}{m['sequences'][seed]:>11}")
-    lines.append("(first seed; 'kept' = distinct problems drawn, 'tokens' = response tokens with weight > 0)")
+        lines.append(f"{name:<14}{extremes:<34}{draws['distinct']:>8}{draws['per_drawn_problem']:>12.1f}"
+                     f"{m['sequences'][seed]:>11}")
+    lines.append("(first seed; 'kept' = distinct problems drawn)")
+    snr = report["snr"]
+    lines.append("")
+    lines.append(f"gradient SNR per pass-rate bin (bias-corrected, all parameters, 95% bootstrap interval), "
+                 f"{snr['model']}; cos = cosine of the bin's mean gradient with the held-out gradient")
+    labels = [label for label in ("start", "switch", "end") if label in snr]
+    by_bin = {label: {r["pass_rate"]: r for r in snr[label]["bins"]} for label in labels}
+    lines.append(f"{'p':>6}" + "".join(f"{label + ': SNR [95%], cos':>36}" for label in labels))
+    for p in sorted({p for rows in by_bin.values() for p in rows}):
+        cells = ""
+        for label in labels:
+            r = by_bin[label].get(p)
+            cells += (f"{r['snr']:>8.3f} {_interval(r['snr_ci95'], 3):>18} {r.get('cosine_heldout', np.nan):>+7.2f}"
+                      if r else f"{'-':>34}") + "  "
+        lines.append(f"{p:>6.3f}" + cells)
     lines.append("")
     lines.append(report["verdict"])
     return "\n".join(lines)
 
+
+def _interval(bounds, digits: int = 2) -> str:
+    return f"[{bounds[0]:+.{digits}f}, {bounds[1]:+.{digits}f}]"
