@@ -43,6 +43,41 @@ def save_tiny_model(path, seed: int = 0, hidden: int = 32, layers: int = 2):
     return model
 
 
+def save_broken_checkpoints(model_dir: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """Copies of a saved tiny model, each broken one way: name -> (directory, a text the refusal must
+    contain). Nothing but `truncated` and `corrupt` is unreadable; the rest load with a warning."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_dir / "model.safetensors")
+    keys = sorted(weights)
+    broken = {}
+
+    def variant(name: str, tensors: dict | None = None, raw: bytes | None = None):
+        path = root / name
+        shutil.copytree(model_dir, path)
+        if raw is not None:
+            (path / "model.safetensors").write_bytes(raw)
+        else:
+            save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        return path
+
+    half = keys[: len(keys) // 2]
+    broken["missing"] = (variant("missing", {k: weights[k] for k in half}), keys[len(keys) // 2])
+    broken["unexpected"] = (variant("unexpected", {**weights, "transformer.bogus.weight": torch.zeros(3)}),
+                            "transformer.bogus.weight")
+    bias = "transformer.h.0.mlp.c_fc.bias"
+    broken["shape"] = (variant("shape", {**weights, bias: torch.zeros(7)}), bias)
+    broken["corrupt"] = (variant("corrupt", raw=b"\x10\x00\x00\x00\x00\x00\x00\x00not a header"), "SafetensorError")
+    raw = (model_dir / "model.safetensors").read_bytes()
+    broken["truncated"] = (variant("truncated", raw=raw[: len(raw) // 2]), "SafetensorError")
+    other = save_tiny_model(root / "wider", seed=2, hidden=48)
+    del other
+    broken["wider"] = (root / "wider", "differing from the served model")
+    return broken
+
+
 # (id, prompt, accepted first characters); "#" is outside the alphabet, so that problem's pass rate is 0.
 TOY_PROBLEMS = [("none", "12+34=", "#"), ("digits", "5-6=", "0123456789"), ("ops", "77+1-2=", "+-.="),
                 ("low", "=", "9"), ("mid", "3+3+3=", "01234"), ("all", "88-8=", ALPHABET)]

@@ -1,10 +1,13 @@
 """The `hf` engine and the shared rollout path, in process, on a tiny random GPT-2."""
 
+from pathlib import Path
+
 import pytest
 import torch
-from rollout_toys import first_char_in, save_tiny_model, teacher_forced_logprobs, toy_problems
+from rollout_toys import first_char_in, save_broken_checkpoints, save_tiny_model, teacher_forced_logprobs, toy_problems
 
 from nemo_paced.rollout.engines import SamplingParams, create_engine
+from nemo_paced.rollout.engines.base import MIN_TEMPERATURE, CheckpointError
 from nemo_paced.rollout.estimate import ProblemRollouts, rollout
 
 PROMPTS = ["12+34=", "5=", "99+1-23+4="]  # different lengths, so batches are left-padded
@@ -64,8 +67,45 @@ def test_load_weights_swaps_the_model(models):
     assert [g.samples[0].logprobs for g in after] != [g.samples[0].logprobs for g in before]
     check_logprobs(before, models["a"][1])
     check_logprobs(after, models["b"][1])
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(CheckpointError, match="not a directory"):
         engine.load_weights(models["b"][0] + "-missing")
+    assert engine.checkpoint == models["b"][0]
+
+
+def test_broken_checkpoints_are_refused_and_the_weights_kept(models, tmp_path):
+    """transformers loads a checkpoint missing half its tensors by initialising them randomly; the
+    engine must refuse it (and every other broken one), name the keys, and keep serving the old weights."""
+    engine = create_engine("hf", models["a"][0])
+    params = SamplingParams(n=2, max_tokens=6, seed=5)
+    before = engine.generate(PROMPTS, params)
+    for name, (path, needle) in save_broken_checkpoints(Path(models["a"][0]), tmp_path).items():
+        with pytest.raises(CheckpointError, match="refused|cannot read") as error:
+            engine.load_weights(str(path))
+        assert needle in str(error.value), (name, str(error.value))
+        assert engine.checkpoint == models["a"][0]
+        assert engine.generate(PROMPTS, params) == before, name
+    engine.load_weights(models["b"][0])  # a good checkpoint still loads
+    check_logprobs(engine.generate(PROMPTS, params), models["b"][1])
+
+
+def test_a_broken_first_checkpoint_is_refused(models, tmp_path):
+    path, needle = save_broken_checkpoints(Path(models["a"][0]), tmp_path)["missing"]
+    with pytest.raises(CheckpointError, match="missing keys"):
+        create_engine("hf", str(path))
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=1e-300), dict(temperature=MIN_TEMPERATURE / 2),
+                                 dict(seed=2**64), dict(seed=-1), dict(temperature=float("nan"))])
+def test_sampling_params_refuse_values_generation_cannot_take(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingParams(**bad)
+
+
+def test_smallest_temperature_generates(models):
+    engine = create_engine("hf", models["a"][0])
+    generations = engine.generate(PROMPTS, SamplingParams(n=2, temperature=MIN_TEMPERATURE, max_tokens=4,
+                                                          seed=2**63 - 1))
+    check_logprobs(generations, models["a"][1])
 
 
 def test_rollout_grades_every_sample_and_round_trips_as_json(models):

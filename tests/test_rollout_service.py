@@ -8,7 +8,9 @@ from one forward pass, so estimates are checked against the truth, not against t
 import json
 import math
 import os
+import shutil
 import signal
+import time
 import subprocess
 import sys
 import threading
@@ -17,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from rollout_toys import (TOY_PROBLEMS, Server, exact_pass_rate, first_char_in, save_tiny_model,
-                          teacher_forced_logprobs)
+from rollout_toys import (TOY_PROBLEMS, Server, exact_pass_rate, first_char_in, save_broken_checkpoints,
+                          save_tiny_model, teacher_forced_logprobs, toy_problems)
 
 from nemo_paced.passrates import PassRateTable
 from nemo_paced.rollout.client import RequestRejected, RolloutClient, ServiceUnavailable
@@ -336,3 +338,115 @@ def test_restart_resumes_table_weights_and_unfinished_jobs(workspace, tmp_path):
             assert abs(table[problem_id].pass_rate - p) <= 4.5 * math.sqrt(p * (1 - p) / K) + 1e-9
     finally:
         srv.stop()
+
+
+def test_weight_reloads_refuse_broken_checkpoints_and_paths_outside_the_roots(workspace, tmp_path):
+    root, _, _ = workspace
+    run, other = tmp_path / "run", tmp_path / "other"
+    run.mkdir(), other.mkdir()
+    good = shutil.copytree(root / "model-b", run / "stage1" / "final")
+    broken = save_broken_checkpoints(root / "model-a", run)
+    (run / "escape").symlink_to(root / "model-b", target_is_directory=True)
+    srv = serve(root, tmp_path / "state", "--weights-root", str(run), "--weights-root", str(other))
+    try:
+        client = srv.client()
+        refusals = set()
+        for path in (root / "model-b", "/nonexistent/checkpoint", run / ".." / "run-not", run / "escape",
+                     f"{run}/../{root.name}", tmp_path, run.parent / "run2"):
+            with pytest.raises(RequestRejected) as error:
+                client.load_weights(path)
+            assert error.value.status == 422
+            refusals.add(str(error.value))
+        assert len(refusals) == 1 and "field 'path'" in refusals.pop()  # one message: nothing about what exists
+        for name, (path, needle) in broken.items():
+            with pytest.raises(RequestRejected) as error:
+                client.load_weights(path, step=3)
+            assert error.value.status == 422 and "field 'path'" in str(error.value), name
+            assert needle in str(error.value), (name, str(error.value))
+            health = client.health()
+            assert health["status"] == "ok" and health["checkpoint"] == str(root / "model-a") and health["step"] is None
+        assert client.load_weights(good, step=7) == {"checkpoint": str(good), "step": 7}
+        assert client.sample(["digits"], n=2, max_tokens=2, fold=False).checkpoint == str(good)
+    finally:
+        srv.stop()
+
+
+def test_on_policy_pool_never_mixes_weights(workspace, tmp_path):
+    """Half a pool drawn by one checkpoint must not be folded with samples of the next one, nor
+    survive a reload of the same path (a new training run starting from the same weights)."""
+    root, _, _ = workspace
+    srv = serve(root, tmp_path / "state")
+    try:
+        client = srv.client()
+        version = client.refresh_table().version
+
+        def half() -> int:
+            return client.sample(["mid"], n=K // 2, max_tokens=1).problems[0].successes
+
+        half()  # drawn by model-a
+        client.load_weights(root / "model-b", step=1)
+        half()  # drawn by model-b: with the model-a half, K scores, but from two checkpoints
+        assert client.refresh_table().version == version, "scores of two checkpoints were folded together"
+        client.load_weights(root / "model-b", step=1)  # the same weights again, e.g. the next run's start
+        first = half()
+        assert client.refresh_table().version == version, "a pool survived a weight reload"
+        second = half()
+        table = client.refresh_table()
+        assert table.version == version + 1
+        record = table["mid"]
+        assert (record.trials, record.successes) == (K, first + second)
+        assert (record.checkpoint, record.step) == (str(root / "model-b"), 1)
+        assert client.health()["status"] == "ok"
+    finally:
+        srv.stop()
+
+
+def test_state_files_stay_small_and_stale_temp_files_go(workspace, tmp_path):
+    """A kill mid-save leaves `.NAME.*.tmp` files: removed at start. Finished jobs go to jobs.jsonl once
+    (bounded), not into service.json, which is rewritten after every batch."""
+    from nemo_paced.rollout.engines.hf import HFEngine
+    from nemo_paced.rollout.service import RequestError, RolloutService, ServiceConfig
+
+    root, _, _ = workspace
+    state = tmp_path / "state"
+    state.mkdir()
+    stale = [state / ".passrates.jsonl.k1ll3d.tmp", state / ".service.json.abc.tmp", state / ".jobs.jsonl.x.tmp"]
+    for path in stale:
+        path.write_text("{half a fi")
+    unrelated = state / "notes.tmp"
+    unrelated.write_text("mine")
+    engine = HFEngine(str(root / "model-a"), device="cpu")
+    config = ServiceConfig(k=2, max_tokens=1, seed=0, max_history=3)
+
+    def run(service, count):
+        service.start()
+        try:
+            jobs = [service.submit(["low"], k=1) for _ in range(count)]
+            deadline = time.monotonic() + 120
+            while service.queue_length() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert service.queue_length() == 0
+        finally:
+            service.stop()
+        return [job.id for job in jobs]
+
+    service = RolloutService(engine, toy_problems(), first_char_in, state, config)
+    assert not any(path.exists() for path in stale) and unrelated.read_text() == "mine"
+    ids = run(service, 8)
+    assert json.loads((state / "service.json").read_text())["jobs"] == []  # no history in the per-batch file
+    history = (state / "jobs.jsonl").read_text().splitlines()
+    assert len(history) <= 2 * config.max_history
+    assert [json.loads(line)["id"] for line in history[-3:]] == ids[-3:]
+    for job_id in ids[:-3]:
+        with pytest.raises(RequestError, match="no job"):
+            service.job(job_id)
+    assert [service.job(job_id).status for job_id in ids[-3:]] == ["done"] * 3
+
+    resumed = RolloutService(engine, toy_problems(), first_char_in, state, config)
+    assert [resumed.job(job_id).status for job_id in ids[-3:]] == ["done"] * 3
+    with pytest.raises(RequestError):
+        resumed.job(ids[-4])
+    ids += run(resumed, 5)
+    assert len((state / "jobs.jsonl").read_text().splitlines()) <= 2 * config.max_history
+    assert [RolloutService(engine, toy_problems(), first_char_in, state, config).job(i).status
+            for i in ids[-3:]] == ["done"] * 3

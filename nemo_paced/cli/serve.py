@@ -118,6 +118,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decay", type=float, default=0.5, help="decay of old counts in accumulate mode")
     parser.add_argument("--max-k", type=int, default=64, help="largest K or n a request may ask for (default 64)")
     parser.add_argument("--max-batch", type=int, default=1024, help="most problems per /sample request")
+    parser.add_argument("--weights-root", action="append", default=[], metavar="DIR",
+                        help="a directory POST /weights may load checkpoints from (inside it, symlinks resolved); "
+                             "repeatable. Any other path is refused with one message, whether or not it exists. "
+                             "Default: any directory")
+    parser.add_argument("--job-history", type=int, default=1000,
+                        help="finished estimation jobs kept for GET /jobs (in STATE_DIR/jobs.jsonl; default 1000)")
     add_server_arguments(parser, TOKEN_ENV)
     parser.set_defaults(handler=serve)
 
@@ -137,7 +143,8 @@ def serve(args: argparse.Namespace) -> int:
         config = ServiceConfig(k=args.k, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                                template=args.template, batch_problems=args.batch_problems, seed=args.seed,
                                update_mode=args.update_mode, decay=args.decay, max_k=args.max_k,
-                               max_batch=args.max_batch, max_request_bytes=args.max_request_bytes, token=token)
+                               max_batch=args.max_batch, max_request_bytes=args.max_request_bytes, token=token,
+                               weights_roots=tuple(args.weights_root), max_history=args.job_history)
         verifier = resolve(args.verifier)
         problems = load_problems(args.problems, fields=field_map(args.fields), split=args.split, limit=args.limit)
     except ValueError as e:

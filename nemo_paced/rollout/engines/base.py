@@ -38,6 +38,11 @@ class SamplingParams:
             raise ValueError(f"seed must lie in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {self.seed}")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint an engine refuses to load (unreadable, incomplete, or not the architecture being
+    served); the message says why, naming the keys. The weights in use stay loaded."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One completion. `token_ids` are the generated tokens, including the end-of-sequence token when
@@ -72,7 +77,8 @@ class Engine(Protocol):
         ...
 
     def load_weights(self, path: str) -> None:
-        """Replace the model weights with those in checkpoint directory `path` (same architecture)."""
+        """Replace the model weights with those in checkpoint directory `path` (same architecture);
+        raises CheckpointError, keeping the weights in use, for a checkpoint it cannot use."""
         ...
 
     @property

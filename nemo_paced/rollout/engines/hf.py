@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_paced.rollout.engines.base import Generation, Sample, SamplingParams
+from nemo_paced.rollout.engines.base import CheckpointError, Generation, Sample, SamplingParams
 
 
 class HFEngine:
@@ -37,12 +37,29 @@ class HFEngine:
         return self._tokenizer
 
     def load_weights(self, path: str) -> None:
-        """Load a checkpoint directory in Hugging Face format (safetensors only: nothing is unpickled)."""
+        """Load a checkpoint directory in Hugging Face format (safetensors only: nothing is unpickled).
+
+        transformers fills tensors missing from a checkpoint with random values and skips unexpected
+        ones; a checkpoint with either, with a shape mismatch, or whose tensors differ from the model
+        being served is refused (CheckpointError), and the weights in use are kept."""
         from transformers import AutoModelForCausalLM
 
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, use_safetensors=True)
+            raise CheckpointError(f"checkpoint {path!r} is not a directory")
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, use_safetensors=True,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
+        except Exception as e:  # noqa: BLE001 - corrupt safetensors, bad config.json, no weights file, ...
+            raise CheckpointError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {e}") from e
+        problems = [_keys(f"{kind} keys", sorted(info.get(name) or ())) for kind, name in
+                    (("missing", "missing_keys"), ("unexpected", "unexpected_keys"))]
+        problems.append(_keys("shape mismatches", sorted(f"{key} {tuple(got)} (config: {tuple(want)})"
+                                                       for key, got, want in info.get("mismatched_keys") or ())))
+        if getattr(self, "model", None) is not None:
+            problems.append(_architecture_change(self.model, model))
+        problems = [p for p in problems if p]
+        if problems:
+            raise CheckpointError(f"checkpoint {path!r} refused, the weights in use are kept: {'; '.join(problems)}")
         self.model = model.to(self.device).eval()
         eos = self.model.generation_config.eos_token_id
         eos = self._tokenizer.eos_token_id if eos is None else eos
@@ -96,3 +113,22 @@ class HFEngine:
         length = len(tokens) if end is None else end + 1
         text = self._tokenizer.decode(tokens[:length], skip_special_tokens=True)
         return Sample(text, tokens[:length], logprobs[:length], "length" if end is None else "stop")
+
+
+def _keys(what: str, keys: list[str], shown: int = 8) -> str:
+    """'missing keys (3): a, b, c' (the first `shown` of them), or '' for none."""
+    if not keys:
+        return ""
+    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+    return f"{what} ({len(keys)}): {', '.join(keys[:shown])}{more}"
+
+
+def _architecture_change(old, new) -> str:
+    """The tensors that differ between the served model and a new one ('' when none): a reload swaps
+    weights, never the architecture."""
+    old_shapes = {k: tuple(v.shape) for k, v in old.state_dict().items()}
+    new_shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+    changed = sorted(set(old_shapes) ^ set(new_shapes)) + sorted(
+        f"{k} {new_shapes[k]} vs served {old_shapes[k]}" for k in set(old_shapes) & set(new_shapes)
+        if old_shapes[k] != new_shapes[k])
+    return _keys("tensors differing from the served model", changed)
