@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from nemo_paced.atomic import atomic_open
+from nemo_paced.localpaths import MissingPath, looks_local
 
 PAPER_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
 TEMPLATES = ("raw", "plain", "chat")
@@ -140,6 +141,8 @@ def _rows(source: str | Path, split: str) -> Iterator[tuple[int, Any]]:
         return
     if path.suffix in (".jsonl", ".json", ".parquet"):
         raise ProblemFormatError(f"{source}: no such file")
+    if looks_local(str(source)) and not path.expanduser().exists():  # never a Hub detour for a typo
+        raise MissingPath(f"problems {source}: no such file or directory")
     import datasets  # a hub name or a local dataset directory
 
     yield from enumerate(datasets.load_dataset(str(source), split=split), start=1)

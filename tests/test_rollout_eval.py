@@ -2,6 +2,7 @@
 accuracy ± std over the samples, checked against exactly computable pass rates."""
 
 import json
+import logging
 import math
 import statistics
 
@@ -56,3 +57,34 @@ def test_eval_refuses_duplicate_benchmark_names(setup):
     with pytest.raises(SystemExit, match="given twice"):
         main(["eval", "--model", str(root / "model"), "--benchmarks", str(root / "first.jsonl"),
               str(root / "first.jsonl"), "--out", str(root / "x.json")])
+
+
+def test_the_readme_flags_on_the_demo_models_warn_instead_of_silently_scoring_zero(tmp_path, capsys, caplog,
+                                                                                  monkeypatch):
+    """The README's example flags (template plain, verifier math_boxed, --max-tokens 1024) on a model shaped
+    like the demo's (a 15-character vocabulary, a 15-token context): every prompt is mostly <unk>, every
+    answer fails. The engine says why, eval that nothing was right; the right flags give neither warning."""
+    from nemo_paced.rollout import estimate
+    from nemo_paced.tasks import ChainTask
+    from nemo_paced.tiny_models import TinyModelConfig, build_model
+
+    task = ChainTask(max_level=2)
+    model, tokenizer = build_model(task, TinyModelConfig(1, 16, 2))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "prompt": "12=", "answer": "1"}) + "\n")
+    context = model.config.max_position_embeddings
+    monkeypatch.setattr(estimate, "_warned", set())
+    assert main(["eval", "--model", str(tmp_path / "model"), "--benchmarks", str(tmp_path / "p.jsonl"), "--n", "1",
+                 "--template", "plain", "--max-tokens", "1024", "--seed", "0", "--out", str(tmp_path / "e.json")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("of the prompt tokens are unknown to the model's tokenizer (template 'plain')" in w for w in warnings)
+    assert any(f"plus --max-tokens 1024 exceed the model's context of {context} tokens" in w for w in warnings)
+    assert "warning: every answer was graded wrong" in capsys.readouterr().err
+
+    caplog.clear()
+    monkeypatch.setattr(estimate, "_warned", set())
+    main(["eval", "--model", str(tmp_path / "model"), "--benchmarks", str(tmp_path / "p.jsonl"), "--n", "1",
+          "--verifier", "rollout_toys:first_char_in", "--template", "raw", "--max-tokens", "2", "--seed", "0",
+          "--out", str(tmp_path / "raw.json")])
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("nemo_paced")]

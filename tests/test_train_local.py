@@ -2,6 +2,7 @@
 two stages, pass-rate refreshes, weighting, checkpoints, preemption by signal and exact resume."""
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -191,3 +192,80 @@ def test_train_command_exits_non_zero_while_a_signalled_stage_is_unfinished(setu
         assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "preempted"
         assert run(config) == 0  # the resumed stage finishes
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "done"
+
+
+def test_two_stages_share_one_schedule_and_rkl_needs_no_references_or_table_file(setup, tmp_path, caplog):
+    """The chain's two runs: fkl trains steps [0, switch), rkl [switch, total) from fkl's final student,
+    both starting from the service's table (no passrates file), rkl without references; each records
+    its stage, logs progress lines (not a bar: the output is no terminal) and a closing summary."""
+    caplog.set_level(logging.INFO, logger="nemo_paced")
+    schedule = TwoStageSchedule(total_steps=5, fkl_fraction=0.6, refresh_every=0)
+    from nemo_paced.rollout.client import RolloutClient
+
+    with loopback_service(setup["student"], _all_problems(setup), tmp_path / "service", max_tokens=4) as url:
+        with RolloutClient(url) as client:  # the chain's estimate0
+            client.wait(client.estimate([p.id for p in setup["pool"]]), poll=0.05)
+        common = dict(schedule=schedule, passrates=None, progress=True, progress_every=0.0)
+        fkl = train(_config(setup, tmp_path / "fkl", url, stage="fkl", **common))
+        rkl = train(_config(setup, tmp_path / "rkl", url, stage="rkl", references=None,
+                            student=str(tmp_path / "fkl" / "final"), **common))
+    assert (fkl["stage"], fkl["stage_steps"]) == ("fkl", [0, 3]) and (rkl["stage"], rkl["stage_steps"]) == ("rkl", [3, 5])
+    assert [s["step"] for s in fkl["history"]["steps"]] == [0, 1, 2]
+    assert [(s["step"], s["stage"]) for s in rkl["history"]["steps"]] == [(3, "rkl"), (4, "rkl")]
+    assert fkl["history"]["passrates"][0]["estimated"] == len(setup["pool"])  # the service's table
+    messages = [r.getMessage() for r in caplog.records]
+    assert "stage fkl: 3/3 steps (100%)" in "\n".join(messages) and "stage rkl: 2/2 steps" in "\n".join(messages)
+    n = len(setup["pool"])
+    assert any(m.startswith(f"pass rates (end at step 5): {n}/{n} problems") for m in messages), messages
+    assert f"stage rkl done: 2 steps trained (steps 3-5), final student {tmp_path / 'rkl' / 'final'}" in messages
+    assert any(m.startswith("accuracy: L1 ") and "(before: L1 " in m for m in messages)
+
+
+def test_a_checkpoint_of_another_stage_is_refused_and_a_resume_says_from_where(setup, tmp_path, caplog):
+    from nemo_paced.train.local import RunMismatch
+
+    caplog.set_level(logging.INFO, logger="nemo_paced")
+    schedule = TwoStageSchedule(total_steps=4, fkl_fraction=0.5)
+    with loopback_service(setup["student"], _all_problems(setup), tmp_path / "service", max_tokens=4) as url:
+        fkl = train(_config(setup, tmp_path / "out", url, schedule=schedule, stage="fkl", final_estimate=False))
+        assert fkl["status"] == "done"
+        with pytest.raises(RunMismatch, match=r"checkpoint.pt is stage fkl \(steps \[0, 2\]\), stopped at step 2; "
+                                              r"this run is stage rkl"):
+            train(_config(setup, tmp_path / "out", url, schedule=schedule, stage="rkl", references=None,
+                          student=str(tmp_path / "out" / "final")))
+        again = train(_config(setup, tmp_path / "out", url, schedule=schedule, stage="fkl", final_estimate=False))
+    assert again["status"] == "done" and len(again["history"]["steps"]) == 2  # nothing retrained
+    assert any(r.getMessage().startswith("resumed from step 2 of stage fkl") for r in caplog.records)
+
+
+def test_degenerate_inputs_warn(setup, tmp_path, caplog):
+    """A table where every pass rate is 0 (wrong template/verifier) and a problem file without test
+    problems both say so, instead of training on nothing and reporting an empty accuracy."""
+    from nemo_paced.problems import save_problems
+
+    zeros = PassRateTable()
+    zeros.update([(p.id, 0, 8) for p in setup["pool"]], checkpoint="c")
+    zeros.save(tmp_path / "zeros.jsonl")
+    save_problems(tmp_path / "pool.jsonl", setup["pool"])
+    schedule = TwoStageSchedule(total_steps=2, fkl_fraction=1.0)
+    with loopback_service(setup["student"], _all_problems(setup), tmp_path / "service", max_tokens=4) as url:
+        result = train(_config(setup, tmp_path / "run", url, schedule=schedule, passrates=str(tmp_path / "zeros.jsonl"),
+                               problems=str(tmp_path / "pool.jsonl"), final_estimate=False))
+    assert result["history"]["steps"] == [] and result["history"]["evals"][-1]["accuracy"] == {}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("has no problem with meta.split = \"test\"" in w for w in warnings)
+    assert any(w.startswith("every pass rate is 0 or 1 (start at step 0: 100% at 0") for w in warnings)
+
+
+def test_train_command_reports_a_stopped_service_in_one_line(setup, tmp_path, capsys):
+    from gloo_ranks import free_port
+
+    from nemo_paced.cli import main
+
+    status = main(["train", "--recipe", "tiny_cpu", "--stage", "fkl", "--init", setup["student"],
+                   "--teacher", setup["teacher"], "--problems", setup["problems"], "--references", setup["references"],
+                   "--service", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "out"),
+                   f"seq_length={TASK.prompt_width + 4}", "batch_size=8"])
+    err = capsys.readouterr().err
+    assert status == 3 and "Traceback" not in err
+    assert "nemo-paced train: error: cannot reach the rollout service at http://127.0.0.1:" in err

@@ -51,6 +51,8 @@ def estimate(args: argparse.Namespace) -> int:
             mean = sum(r.pass_rate for r in done) / len(done) if done else float("nan")
             print(f"job {job_id} done: {status['total']} problems, table version {table.version}, "
                   f"mean pass rate {mean:.3f}, checkpoints {', '.join(status['checkpoints'])}", file=sys.stderr)
+            if done and all(r.successes in (0, r.trials) for r in done):
+                print(degenerate_warning(done), file=sys.stderr)
             if args.out:
                 table.save(args.out)
     except RequestRejected as e:
@@ -62,6 +64,15 @@ def estimate(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:  # an unreadable address or ids file
         return _fail(e, 2)
     return 0
+
+
+def degenerate_warning(records) -> str:
+    """Why a table where every pass rate is 0 or 1 trains nothing, and what usually causes it."""
+    zeros = sum(r.successes == 0 for r in records)
+    return (f"warning: every pass rate is 0 or 1 ({zeros} of {len(records)} at 0): w(p) = 0 for every problem, so "
+            "PACED has nothing to train on. All zeros usually mean the service's --template, --verifier or "
+            "--max-tokens do not fit the model (it warns at start when prompts are mostly unknown tokens or "
+            "longer than its context); all ones, that the problems are too easy for it.")
 
 
 def _fail(error: Exception, status: int) -> int:

@@ -57,6 +57,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     print(format_table(results))
+    if results and all(r.mean == 0 for r in results):
+        print("warning: every answer was graded wrong. If the model is not simply untrained, check that "
+              "--template, --verifier and --max-tokens fit it (see the warnings above, if any)", file=sys.stderr)
     atomic_write_json(args.out, {"model": args.model, "engine": args.engine, "verifier": args.verifier,
                                  "template": args.template, "sampling": asdict(params),
                                  "benchmarks": {r.name: asdict(r) for r in results}})

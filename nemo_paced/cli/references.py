@@ -63,4 +63,8 @@ def make_references_command(args: argparse.Namespace) -> int:
         print(f"nemo-paced make-references: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: {summary.report()}")
+    if summary.problems and not summary.with_reference:
+        print("warning: no problem has a verified reference, so the forward-KL stage has nothing to train on. "
+              "Check that --template, --verifier and --max-tokens fit the teacher (see the warnings above, if "
+              "any), or keep unverified responses with --keep all", file=sys.stderr)
     return 0

@@ -17,12 +17,24 @@ def _epilog() -> str:
     return "\n".join([
         "recipes:", *lines, "",
         "stages: fkl = forward KL on teacher references (stage 1); rkl = reverse KL on the student's own",
-        "samples (stage 2). Run fkl, then rkl: by default it starts from fkl's final student (OUT/final).", "",
+        "samples (stage 2). Run fkl, then rkl: by default it starts from fkl's final student (OUT/final).",
+        "What each stage reads: fkl --init --teacher --problems --references and the service; rkl --init",
+        "--teacher --problems and the service (no references). The starting pass rates are the service's",
+        "table unless --passrates names a saved one. tiny_cpu: schedule.total_steps counts both stages and",
+        "--split divides them; problems with meta.split=test are the evaluation benchmarks.", "",
         "The file options tell any recipe where the stage's inputs and outputs are (the SLURM chain passes",
         "all of them); each recipe maps them onto its own config, and overrides apply after.", "",
+        "Self-distillation (reverse KL on the student's own samples, scored by the student conditioned on",
+        "each problem's solution or answer; docs/self_distillation.md), e.g.",
+        "  nemo-paced train --recipe tiny_cpu --stage rkl --teacher self --init runs/tiny/student",
+        "  torchrun --nproc-per-node 8 -m nemo_paced train --recipe qwen25_math_7b_self --stage rkl \\",
+        "      --teacher self --problems /data/dapo17k.jsonl --service runs/self/rollouts.addr", "",
         "Bridge recipes run under torchrun or srun, one process per GPU, e.g.",
         "  torchrun --nproc-per-node 8 -m nemo_paced train --recipe qwen3_8b_to_1p7b --stage fkl \\",
         "      --problems /data/dapo17k.jsonl --references runs/paced/references.jsonl train.train_iters=2000",
+        "", "exit status: 0 the stage is done; 2 bad input (a missing file or directory, a bad override, a",
+        "checkpoint of another stage in --out); 3 the rollout service could not be reached; 75 stopped by",
+        "a signal with its checkpoint saved (run the same command to resume).",
     ])
 
 
@@ -37,7 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stage", required=True, choices=STAGES, help="fkl (stage 1) or rkl (stage 2)")
     files = parser.add_argument_group("where the stage's files are (default: the recipe's own)")
     files.add_argument("--init", metavar="DIR", help="student to start from (Hugging Face directory)")
-    files.add_argument("--teacher", metavar="DIR", help="teacher (Hugging Face directory)")
+    files.add_argument("--teacher", metavar="DIR|self[:current|:initial]",
+                       help="teacher (Hugging Face directory), or self-distillation: the student itself with "
+                            "privileged context in its prompt, at its current weights (self, self:current) or "
+                            "a frozen copy of its starting weights (self:initial); stage rkl only")
     files.add_argument("--problems", metavar="FILE", help="problem set")
     files.add_argument("--references", metavar="FILE", help="teacher references (make-references)")
     files.add_argument("--passrates", metavar="FILE", help="saved pass-rate table, for recipes that read one")
@@ -46,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     files.add_argument("--split", type=float, metavar="F",
                        help="share of the recipe's training steps spent in stage 1 (0 < F < 1; default 0.5)")
     parser.add_argument("--print-config", action="store_true",
-                        help="print the final config (after overrides) and exit without training")
+                        help="print the final config (after overrides) as indented JSON and exit without training")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="overrides of the recipe's config, e.g. train.train_iters=100")
     parser.set_defaults(handler=main)
@@ -91,6 +106,27 @@ def main(args: argparse.Namespace) -> int:
         print(f"nemo-paced train: error: {error}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(config)
+        print(config_json(config))
         return 0
     return run(config)
+
+
+def config_json(config: Any) -> str:
+    """A config (dataclasses all the way down, as both kinds of recipe build) as indented JSON; values
+    JSON has no type for (dtypes, functions, enums) appear as their text."""
+    import dataclasses
+    import enum
+    import json
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, enum.Enum):
+            return plain(value.value)
+        return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+    return json.dumps(plain(config), indent=2)

@@ -6,6 +6,7 @@ call `rollout`; they differ only in how many samples they draw and what they do 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
@@ -13,6 +14,10 @@ from nemo_paced.passrates import Outcome
 from nemo_paced.problems import Problem, render_prompt
 from nemo_paced.rollout.engines.base import Engine, SamplingParams
 from nemo_paced.rollout.verifiers import Verifier, score
+
+log = logging.getLogger(__name__)
+UNKNOWN_SHARE = 0.2  # more unknown prompt tokens than this: the template does not fit the tokenizer
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,51 @@ def rollout(engine: Engine, problems: Sequence[Problem], verifier: Verifier, par
     prompts = [render_prompt(p, template, engine.tokenizer) for p in problems]
     if template == "chat":
         prompts = [_without_added_prefix(p, engine.tokenizer) for p in prompts]
+    if len(_warned) < 2:  # before generating: a prompt past the context may crash the engine
+        check_prompts(engine, engine.tokenizer(prompts)["input_ids"], params, template)
     generations = engine.generate(prompts, params)
     return [ProblemRollouts(problem.id, prompt, generation.prompt_token_ids,
                             [ScoredSample(s.text, s.token_ids, s.logprobs, s.finish_reason,
                                           score(verifier, s.text, problem.answer)) for s in generation.samples],
                             engine.checkpoint)
             for problem, prompt, generation in zip(problems, prompts, generations)]
+
+
+def check_prompts(engine: Engine, prompt_token_ids: Sequence[Sequence[int]], params: SamplingParams,
+                  template: str) -> list[str]:
+    """Warn (once per process and kind) about prompts the model cannot answer: mostly unknown tokens,
+    or longer, with the response, than its context. Every sample of such a prompt fails, so pass
+    rates, references and accuracy come out 0 without any error. Returns the warnings issued now."""
+    issued = []
+    unk = getattr(engine.tokenizer, "unk_token_id", None)
+    total = sum(len(ids) for ids in prompt_token_ids)
+    if unk is not None and total and sum(ids.count(unk) for ids in prompt_token_ids) > UNKNOWN_SHARE * total:
+        share = sum(ids.count(unk) for ids in prompt_token_ids) / total
+        issued.append(("unknown", f"{share:.0%} of the prompt tokens are unknown to the model's tokenizer "
+                                  f"(template {template!r}): try --template raw, or a tokenizer that knows the text"))
+    context = context_length(engine)
+    longest = max((len(ids) for ids in prompt_token_ids), default=0)
+    if context is not None and longest + params.max_tokens > context:
+        issued.append(("context", f"prompts of up to {longest} tokens (template {template!r}) plus --max-tokens "
+                                  f"{params.max_tokens} exceed the model's context of {context} tokens: "
+                                  f"responses are cut short or fail; lower --max-tokens or shorten the template"))
+    fresh = [message for kind, message in issued if kind not in _warned]
+    for kind, message in issued:
+        if kind not in _warned:
+            _warned.add(kind)
+            log.warning(message)
+    return fresh
+
+
+def context_length(engine: Engine) -> int | None:
+    """The model's context in tokens, where the engine exposes it (hf: the model's config)."""
+    config = getattr(getattr(engine, "model", None), "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    value = getattr(engine, "max_model_len", None)
+    return value if isinstance(value, int) else None
 
 
 def _without_added_prefix(prompt: str, tokenizer) -> str:

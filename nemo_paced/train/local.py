@@ -265,7 +265,8 @@ class _Run:
                     self.step = end
                     continue
                 self.step += 1
-                bar.update(1, stage=metrics["stage"], loss=f"{metrics['loss']:.4f}", kept=metrics["kept"])
+                bar.update(1, **({"stage": stage} if "+" in self.stage else {}), loss=f"{metrics['loss']:.4f}",
+                           kept=metrics["kept"])
                 if c.eval_every and self.step % c.eval_every == 0 and self.step < self.end_step:
                     self._evaluate()
                 if self.step % c.checkpoint_every == 0 or self.step == self.end_step:
