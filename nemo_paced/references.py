@@ -187,13 +187,18 @@ class ReferenceBatches:
         return [i for i in self.problems if i in self.references]
 
     def __call__(self, draw: Draw) -> dict[str, Any]:
-        pairs = []
-        for problem_id, weight in zip(draw.problem_ids, draw.weights):
-            refs = self.references[problem_id]
-            ref = refs[draw.step % len(refs)]
-            pairs.append(Pair(problem_id, self._prompt_ids(problem_id),
-                              self.builder.response_ids(ref.text, finished=ref.finish_reason == "stop"), float(weight)))
+        pairs = [Pair(problem_id, *self.sequence(problem_id, draw.step)[1:], float(weight))
+                 for problem_id, weight in zip(draw.problem_ids, draw.weights)]
         return self.builder.micro_batch(pairs)
+
+    def sequence(self, problem_id: str, step: int) -> tuple[int, list[int], list[int]]:
+        """(index of the reference used at `step`, prompt ids, response ids): what a row trains on,
+        and what a teacher cache scored (nemo_paced.teacher.cache)."""
+        refs = self.references[problem_id]
+        index = step % len(refs)
+        ref = refs[index]
+        return index, self._prompt_ids(problem_id), self.builder.response_ids(
+            ref.text, finished=ref.finish_reason == "stop")
 
     def _prompt_ids(self, problem_id: str) -> list[int]:
         if problem_id not in self._prompts:
