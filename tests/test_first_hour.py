@@ -163,3 +163,29 @@ def test_progress_is_one_log_line_per_interval_off_a_terminal(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "nemo_paced.progress"]
     assert lines[0].startswith("stage fkl: 1/4 steps (25%), loss 0.5") and lines[-1].startswith("stage fkl: 4/4")
     assert all("\r" not in line and len(line) < 200 for line in lines)
+
+
+def test_a_service_restarted_with_other_settings_refuses_the_old_table(tmp_path, capsys, caplog):
+    """The first start (README flags: template plain) wrote an all-zero table; a restart with the right
+    flags on the same --state-dir must not resume it as if comparable."""
+    from nemo_paced.rollout.settings import SettingsChanged, check_resumed
+
+    state = tmp_path / "state"
+    first = {"model": "m", "template": "plain", "verifier": "math_boxed", "k": 8, "max_tokens": 1024}
+    check_resumed(state, first)
+    zeros = PassRateTable()
+    zeros.update([("a", 0, 8)], checkpoint="m")
+    zeros.save(state / "passrates.jsonl")
+    check_resumed(state, first)  # same settings: resumed
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "prompt": "1+1=", "answer": "2"}) + "\n")
+    assert main(["serve-rollouts", "--model", "m", "--problems", str(tmp_path / "p.jsonl"), "--state-dir", str(state),
+                 "--template", "raw", "--verifier", "exact", "--max-tokens", "8"]) == 2
+    line = _one_line_error(capsys, "serve-rollouts")
+    assert "max_tokens 1024 -> 8, template 'plain' -> 'raw', verifier 'math_boxed' -> 'exact'" in line
+    assert "--allow-settings-change" in line
+    right = {**first, "template": "raw", "verifier": "exact", "max_tokens": 8}
+    with pytest.raises(SettingsChanged):
+        check_resumed(state, right)
+    check_resumed(state, right, allow_change=True)  # told to: kept, with a warning, and recorded
+    assert any("kept because --allow-settings-change" in r.getMessage() for r in caplog.records)
+    check_resumed(state, right)

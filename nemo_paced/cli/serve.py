@@ -124,6 +124,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "Default: any directory")
     parser.add_argument("--job-history", type=int, default=1000,
                         help="finished estimation jobs kept for GET /jobs (in STATE_DIR/jobs.jsonl; default 1000)")
+    parser.add_argument("--allow-settings-change", action="store_true",
+                        help="resume STATE_DIR's table although --model, --template, --verifier, --k or --max-tokens "
+                             "differ from those it was estimated with (refused by default)")
     add_server_arguments(parser, TOKEN_ENV)
     parser.set_defaults(handler=serve)
 
@@ -136,6 +139,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from nemo_paced.problems import load_problems
     from nemo_paced.rollout.service import RolloutService, ServiceConfig, create_app
+    from nemo_paced.rollout.settings import check_resumed
     from nemo_paced.rollout.verifiers import resolve
     from nemo_paced.serving import listen, remove_address_if_ours, run
 
@@ -149,6 +153,9 @@ def serve(args: argparse.Namespace) -> int:
         problems = load_problems(args.problems, fields=field_map(args.fields), split=args.split, limit=args.limit)
     except ValueError as e:
         raise SystemExit(f"nemo-paced serve-rollouts: {e}") from None
+    check_resumed(args.state_dir, {"model": os.path.realpath(args.model) if os.path.exists(args.model) else args.model,
+                                   "template": args.template, "verifier": args.verifier, "k": args.k,
+                                   "max_tokens": args.max_tokens}, args.allow_settings_change)
     service = RolloutService(build_engine(args), problems, verifier, args.state_dir, config)
 
     sock, address = listen(args, "serve-rollouts", state_dir=os.path.abspath(args.state_dir), **token_hint)
