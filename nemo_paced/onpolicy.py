@@ -64,17 +64,19 @@ class OnPolicyBatches:
 
     `group` holds the ranks of one DP replica that read data: under Megatron
     `sampler.reader_group(is_first_or_last_stage, replica=dp_rank)`; the default (the world) suits a
-    single replica. Only the group's first rank needs a working `client`.
+    single replica. Only the group's first rank needs a working `client`. With `self_teacher`
+    (`nemo_paced.self_teacher.SelfTeacher`) each micro-batch also carries its self-teacher rows.
     """
 
     def __init__(self, sampler: PacedSampler, client: RolloutClient, builder: BatchBuilder, *, prefetch: int = 2,
-                 sampling: SamplingSettings = SamplingSettings(), group: dist.ProcessGroup | None = None) -> None:
+                 sampling: SamplingSettings = SamplingSettings(), group: dist.ProcessGroup | None = None,
+                 self_teacher: Any = None) -> None:
         if sampler.collate is not None:
             raise ValueError("give OnPolicyBatches a sampler without a collate: it builds the batches itself")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.sampler, self.client, self.builder = sampler, client, builder
-        self.prefetch, self.sampling, self.group = prefetch, sampling, group
+        self.prefetch, self.sampling, self.group, self.self_teacher = prefetch, sampling, group, self_teacher
         self._leader = not dist.is_initialized() or dist.get_rank() == (
             0 if group is None else dist.get_global_rank(group, 0))
         self._shared = dist.is_initialized() and dist.get_world_size(group) > 1
@@ -100,6 +102,8 @@ class OnPolicyBatches:
         pairs = [Pair(pid, prompt, response, float(w))
                  for (pid, prompt, response), w in zip(rollouts.pairs, draw.weights)]
         batch = self.builder.micro_batch(pairs)
+        if self.self_teacher is not None:
+            batch = self.self_teacher.add_teacher_rows(batch, pairs)
         batch.update(rollout_checkpoint=rollouts.checkpoint, rollout_lag=lag)
         return batch
 

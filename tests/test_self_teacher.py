@@ -12,6 +12,7 @@ from nemo_paced.self_teacher import (MissingContext, SelfTeacher, SelfTeacherCon
 from nemo_paced.tasks import ALPHABET
 from nemo_paced.tasks.tokenizer import char_tokenizer
 from nemo_paced.train.local import train
+from nemo_paced.weighting import WeightConfig
 from test_train_local import _all_problems, _config, setup  # noqa: F401 - the module's fixture
 
 CHAIN = SelfTeacherConfig(template="{context}={question}")
@@ -120,3 +121,35 @@ def test_self_teacher_refuses_a_forward_kl_stage(setup, tmp_path):
     with pytest.raises(ValueError, match="fkl_fraction=0"):
         _config(setup, tmp_path, "http://127.0.0.1:1", teacher="self", schedule=TwoStageSchedule(total_steps=4))
 
+
+
+def test_on_policy_batches_carry_the_self_teacher_rows(setup, tmp_path):
+    """The Megatron data stream: the service's own samples, and the same response after the privileged prompt."""
+    from transformers import AutoTokenizer
+
+    from nemo_paced.demo.service import loopback_service
+    from nemo_paced.onpolicy import OnPolicyBatches
+    from nemo_paced.rollout.client import RolloutClient
+    from nemo_paced.sampler import PacedSampler, SamplerConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["student"])
+    seq = len(setup["pool"][0].prompt) + 4
+    builder = BatchBuilder(tokenizer, seq)
+    by_id = {p.id: p for p in setup["pool"]}
+    ids = list(by_id)[:8]
+    teacher = SelfTeacher([by_id[i] for i in ids], builder, lambda p: p.prompt, CHAIN, teacher_seq_length=seq)
+    with loopback_service(setup["student"], _all_problems(setup), tmp_path / "service", max_tokens=4) as url:
+        with RolloutClient(url) as client:
+            sampler = PacedSampler(ids, SamplerConfig(4, 2, weighting=WeightConfig(mode="uniform")), lambda: setup["table"])
+            source = OnPolicyBatches(sampler, client, builder, prefetch=1, self_teacher=teacher)
+            batches = [next(source) for _ in range(2)]
+            source.close()
+    for batch in batches:
+        assert batch["teacher_tokens"].shape == batch["tokens"].shape  # equal lengths, as pipelines need
+        for row, problem_id in enumerate(batch["problem_ids"]):
+            problem = by_id[problem_id]
+            privileged = f"{problem.answer}={problem.prompt}"
+            assert tokenizer.decode(batch["teacher_tokens"][row][: len(privileged)]) == privileged
+            mask = batch["loss_mask"][row] > 0
+            labels = torch.roll(batch["teacher_tokens"][row], -1)[batch["teacher_index"][row]]
+            assert torch.equal(labels[mask], batch["labels"][row][mask])

@@ -128,10 +128,13 @@ class PacedForwardStep:
             batch, totals = _check_batch(next(data_iterator)), None
         else:  # middle stages take their input from the previous stage
             batch, totals = dict.fromkeys(("tokens", "position_ids", "labels")), None
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        output = self._forward(model, batch)
         if not last:
             return output, None
-        return output, lambda output_tensor: self._loss(model, batch, totals)
+        return output, lambda output_tensor: self._loss(model, batch, totals, output_tensor)
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, Any]):
+        return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
 
     # --- the step's look-ahead -----------------------------------------------------------------
 
@@ -152,7 +155,8 @@ class PacedForwardStep:
 
     # --- the loss -------------------------------------------------------------------------------
 
-    def _loss(self, model: torch.nn.Module, batch: dict[str, Any], totals: StepTotals):
+    def _per_token(self, model: torch.nn.Module, batch: dict[str, Any], output_tensor: torch.Tensor) -> torch.Tensor:
+        """The full per-token KL `[b, s]` of this micro-batch (here from ModelOpt's criterion)."""
         losses = _unwrap(model).compute_kd_loss(skip_balancer=True)
         if len(losses) != 1:
             raise ValueError(f"expected exactly one distillation criterion (the Paced KL), got {sorted(losses)}")
@@ -160,6 +164,10 @@ class PacedForwardStep:
         if tp_reduce:
             raise ValueError("the criterion returns partial per-shard KL; "
                              "use nemo_paced.megatron.criterion.PacedLogitsKL")
+        return per_token
+
+    def _loss(self, model: torch.nn.Module, batch: dict[str, Any], totals: StepTotals, output_tensor: torch.Tensor):
+        per_token = self._per_token(model, batch, output_tensor)
         weighted_sum, _ = paced_reduce(per_token, batch["loss_mask"], batch["sample_weight"])
         W = totals.weight_sum
         loss = torch.where(W > 0, weighted_sum / W.clamp(min=torch.finfo(torch.float32).tiny), weighted_sum * 0)
