@@ -189,3 +189,17 @@ def test_a_service_restarted_with_other_settings_refuses_the_old_table(tmp_path,
     check_resumed(state, right, allow_change=True)  # told to: kept, with a warning, and recorded
     assert any("kept because --allow-settings-change" in r.getMessage() for r in caplog.records)
     check_resumed(state, right)
+
+
+def test_estimate_warns_when_every_pass_rate_is_zero(tmp_path, capsys):
+    from rollout_toys import save_tiny_model, toy_problems
+
+    from nemo_paced.demo.service import loopback_service
+
+    save_tiny_model(tmp_path / "model")
+    unreachable = [p.__class__(p.id, p.prompt, "#") for p in toy_problems()]  # "#" is not in the vocabulary
+    with loopback_service(str(tmp_path / "model"), unreachable, tmp_path / "state", k=2, max_tokens=2) as url:
+        assert main(["estimate", "--service", url, "--wait", "--poll", "0.05"]) == 0
+    err = capsys.readouterr().err
+    assert "mean pass rate 0.000" in err
+    assert f"warning: every pass rate is 0 or 1 ({len(unreachable)} of {len(unreachable)} at 0)" in err

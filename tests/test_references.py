@@ -133,6 +133,18 @@ def test_cli_reports_problems_without_a_reference(teacher, tmp_path, capsys):
     assert header["settings"]["teacher"] == str(path) and header["settings"]["verifier"] == "rollout_toys:first_char_in"
 
 
+def test_cli_warns_when_no_problem_has_a_verified_reference(teacher, tmp_path, capsys):
+    """The README's flags (template plain, verifier math_boxed) on a character-level model: nothing verifies."""
+    path, _ = teacher
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": i, "prompt": p, "answer": a}) + "\n" for i, p, a in TOY_PROBLEMS))
+    assert main(["make-references", "--teacher", str(path), "--problems", str(problems), "--out",
+                 str(tmp_path / "refs.jsonl"), "--max-tokens", "4", "--seed", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "0 with a verified reference" in captured.out
+    assert "warning: no problem has a verified reference" in captured.err
+
+
 def test_cli_names_the_bad_row_and_field(teacher, tmp_path, capsys):
     path, _ = teacher
     problems = tmp_path / "bad.jsonl"
