@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slurm demo bench test-vllm gpu-smoke clean
+.PHONY: setup test test-slurm demo bench test-vllm test-bridge gpu-smoke clean
 
 $(STAMP): requirements/cpu.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,9 +48,26 @@ $(VLLM_VENV)/.installed: tests/vllm_suite/requirements.txt pyproject.toml
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest tests/vllm_suite -m vllm
 
+# Megatron Bridge for real (docs/bridge.md): Bridge's own pretrain() on CPU under gloo with the Paced
+# recipe, forward step, criterion and callback, in its own Python 3.12 virtualenv shaped like the NeMo
+# container (requirements/bridge.txt, a lock; 5.7 GB). nemo-paced goes in with containers/install.sh,
+# which must change nothing already there, and the suite runs on that installed copy.
+BRIDGE_VENV := .venv-bridge
+PYTHON312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
+$(BRIDGE_VENV)/.installed: requirements/bridge.txt
+	@test -n "$(PYTHON312)" || { echo "test-bridge needs Python 3.12 (pyenv's versions/3.12*, or PYTHON312=...)" >&2; exit 1; }
+	@test -x $(BRIDGE_VENV)/bin/python || $(PYTHON312) -m venv $(BRIDGE_VENV)
+	$(BRIDGE_VENV)/bin/pip install -q --no-deps -r requirements/bridge.txt
+	@touch $@
+
+test-bridge: $(BRIDGE_VENV)/.installed
+	$(BRIDGE_VENV)/bin/pip uninstall -q -y nemo-paced
+	PYTHON=$(BRIDGE_VENV)/bin/python containers/install.sh .
+	$(BRIDGE_VENV)/bin/pytest -p no:cacheprovider tests/bridge_suite
+
 # One GPU with NCCL: the tiny distillation step, ModelOpt's KD step beside the Paced one (GPU machines only).
 gpu-smoke:
 	bench/gpu_smoke.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(BRIDGE_VENV) .pytest_cache .hypothesis

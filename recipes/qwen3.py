@@ -69,7 +69,7 @@ def paced_distillation_config(student_hf: str, teacher_hf: str, stage: str, layo
 
     import torch
     from megatron.bridge import AutoBridge
-    from megatron.bridge.recipes.qwen import qwen3_1p7b_pretrain_config
+    from megatron.bridge.recipes.common import _pretrain_common
     from transformers import AutoTokenizer
 
     from nemo_paced.megatron.criterion import Stage, parse_stage
@@ -79,17 +79,25 @@ def paced_distillation_config(student_hf: str, teacher_hf: str, stage: str, layo
     init = files.init or (student_hf if stage == Stage.FKL.value else f"{run_dir}/{Stage.FKL.value}/final")
     teacher_hf = files.teacher or teacher_hf
     out = files.out or f"{run_dir}/{stage}"
-    config = qwen3_1p7b_pretrain_config()  # Bridge's defaults for the other sections; model and data replaced
+    # Bridge's defaults for the other sections (those of its Qwen3 recipes: distributed optimizer, overlapped
+    # gradient reduce and parameter gather, ...); model and data replaced. Not `qwen3_1p7b_pretrain_config()`:
+    # it reads Qwen/Qwen3-1.7B's config from the Hugging Face hub, which fails offline whatever --init says.
+    config = _pretrain_common()
     student = AutoBridge.from_hf_pretrained(init).to_megatron_provider(load_weights=True)
     teacher = AutoBridge.from_hf_pretrained(teacher_hf).to_megatron_provider(load_weights=True)
     for provider, stage_layers in ((student, layout.student_stage_layers), (teacher, layout.teacher_stage_layers)):
         layout.apply(provider, stage_layers)
         provider.seq_length = seq_length
         provider.pipeline_dtype = torch.bfloat16
+        provider.should_pad_vocab = False  # the checkpoint's vocabulary exactly: no dummy logits in the KL
     config.model = paced_distillation_provider(student, teacher, stage, temperature,
                                                AutoTokenizer.from_pretrained(init),
                                                AutoTokenizer.from_pretrained(teacher_hf))
     config.tokenizer.tokenizer_model = init
+    # The base recipe derives the vocabulary from the tokenizer (padded to 128 x TP), for pretraining
+    # from scratch: with a checkpoint it would drop rows (151808 < 151936 at TP=2) or add dummy logits
+    # (152064 at TP=4). Keep the checkpoint's size, which Bridge then leaves unpadded.
+    config.tokenizer.use_tokenizer_vocab_size = False
     config.dataset = PacedDataset(problems=files.problems or "data/problems.jsonl",
                                   service=files.service or f"{run_dir}/rollouts/address.json", stage=stage,
                                   references=files.references or f"{run_dir}/references.jsonl", student=init,
@@ -105,7 +113,12 @@ def paced_distillation_config(student_hf: str, teacher_hf: str, stage: str, layo
     config.scheduler.lr_warmup_iters = 0
     config.scheduler.lr_decay_style = "constant"
     config.ddp.average_in_collective = False  # required by per-token loss accounting: gradients are summed
-    config.checkpoint.save = f"{out}/checkpoints"
+    # A requeued job resumes from its own checkpoints: Bridge loads from `load` only (the base recipe
+    # points it at nemo_experiments/ under the working directory), and the data stream's state lies there.
+    config.checkpoint.save = config.checkpoint.load = f"{out}/checkpoints"
+    # Stop with a checkpoint on SIGTERM; PacedCallback routes SIGUSR1 (train.sbatch's requeue warning)
+    # to the same handler, and `nemo-paced train` then exits 75.
+    config.train.exit_signal_handler = True
     return config
 
 

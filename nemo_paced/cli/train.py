@@ -89,8 +89,7 @@ def run(config: Any) -> int:
         return 0 if train(config)["status"] == "done" else EXIT_PREEMPTED
     from nemo_paced.megatron.bridge import train as bridge_train
 
-    bridge_train(config)
-    return 0
+    return 0 if bridge_train(config) else EXIT_PREEMPTED
 
 
 def main(args: argparse.Namespace) -> int:

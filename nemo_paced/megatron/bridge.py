@@ -13,13 +13,16 @@ this module only where Bridge is installed. The pieces, as a recipe assembles th
   and every `refresh_every` steps exports the student in Hugging Face format into a new directory
   that appears atomically, has the rollout service load it and queue a new pass-rate estimate;
   the sampler picks the refreshed table up at its next refresh boundary. It saves the data
-  stream's state at every checkpointed step and restores it when a job resumes (`resume`).
-- `train(config)`: `pretrain(config, PacedForwardStep(), callbacks=[PacedCallback()])`.
+  stream's state at every step and restores it when a job resumes (`resume`); it routes both stop
+  signals to Bridge's handler and syncs parameters before each export.
+- `train(config)`: `pretrain(config, PacedForwardStep(), callbacks=[PacedCallback()])`; says whether
+  the stage finished or a stop signal ended it with a checkpoint (then `nemo-paced train` exits 75).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,9 +79,15 @@ def paced_distillation_provider(student, teacher, stage: Stage | str, temperatur
         kd_config.criterion = paced_criterion(unwrap_model(model_chunks[0]).config, stage, temperature)
         return model_chunks
 
-    # Run right before ModelOpt's convert hook (the last one). Set the list directly: the provider
-    # mirrors attribute writes to the teacher, which must not get these hooks.
+    # Run right before ModelOpt's convert hook, which `convert_to_distillation_provider` appends last;
+    # check it is there rather than trust the position. Set the list directly: the provider mirrors
+    # attribute writes to the teacher, which must not get these hooks.
     hooks = list(provider._pre_wrap_hooks)
+    if not hooks or getattr(hooks[-1], "__self__", None) is not provider \
+            or getattr(hooks[-1], "__name__", "") != "_convert_hook":
+        raise RuntimeError("the last pre-wrap hook of Bridge's distillation provider is not its ModelOpt convert "
+                           f"hook (hooks: {[getattr(h, '__name__', repr(h)) for h in hooks]}); the Paced criterion "
+                           "must be installed right before that conversion")
     object.__setattr__(provider, "_pre_wrap_hooks", hooks[:-1] + [install_criterion, hooks[-1]])
     return provider
 
@@ -141,20 +150,31 @@ class PacedDataset(DatasetProvider):
 
 # --- callback ----------------------------------------------------------------------------------
 
+# The signals that stop a stage with a checkpoint: launch/jobs/train.sbatch forwards SIGUSR1 (time
+# limit near, the job requeues itself) and SIGTERM (preemption, scancel) to every rank. Bridge's
+# handler watches the one `train.exit_signal`; the callback routes the other to the same handler.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class PacedCallback(Callback):
-    """Checks the teacher is frozen at the start and puts the data stream where a resumed job
-    continues (`resume`); before each step, reads the step's micro-batches on the ranks that read
-    data (see `data.StepBuffer`); after each step, saves the stream's state beside the checkpoints;
-    every `dataset.refresh_every` steps, exports the student (Hugging Face format) to
-    `export_dir/step-NNNNNNN`, has the rollout service load it and queues a new estimate; at the
-    end, exports the final student to `final_dir`."""
+    """Checks the teacher is frozen at the start, makes both stop signals end the stage with a
+    checkpoint, and puts the data stream where a resumed job continues (`resume`); before each step,
+    reads the step's micro-batches on the ranks that read data (see `data.StepBuffer`); after each
+    step, saves the stream's state beside the checkpoints; every `dataset.refresh_every` steps,
+    exports the student (Hugging Face format) to `export_dir/step-NNNNNNN` (NNNNNNN = steps done),
+    has the rollout service load it and queues a new estimate; at the end, exports the final student
+    to `final_dir` and records that the stage finished (`finished`)."""
+
+    def __init__(self) -> None:
+        self.finished = False
 
     def on_train_start(self, context: CallbackContext) -> None:
         check_frozen(unwrap_model(context.model[0]))
+        _route_stop_signals(context.state)
         if _reads_data():
             checkpoint = context.state.cfg.checkpoint
-            restore_stream(context.state.cfg.dataset.source, checkpoint.load or checkpoint.save,
-                           context.state.train_state.step)
+            # the directory Bridge resumed from (the recipes set load = save, so a requeued job resumes)
+            restore_stream(context.state.cfg.dataset.source, checkpoint.load, context.state.train_state.step)
 
     def on_train_step_start(self, context: CallbackContext) -> None:
         if _reads_data():
@@ -166,42 +186,66 @@ class PacedCallback(Callback):
         dataset = context.state.cfg.dataset
         if dataset.final_dir:
             final = Path(dataset.final_dir)
-            export_student(context.model, dataset.student, final.parent / f".{final.name}.partial", final)
+            export_student(context, final.parent / f".{final.name}.partial", final)
+        self.finished = True
 
     def on_train_step_end(self, context: CallbackContext) -> None:
         dataset, checkpoint = context.state.cfg.dataset, context.state.cfg.checkpoint
         if checkpoint.save and dist.get_rank() == 0:  # every DP replica's stream is at the same position
             save_stream_state(checkpoint.save, dataset.source.state_dict(), checkpoint.save_interval)
-        step = context.state.train_state.step
-        if step % dataset.refresh_every:
+        done = context.state.train_state.step + 1  # Bridge increments the step after this hook
+        if done % dataset.refresh_every:
             return
-        final = export_student(context.model, dataset.student, *step_dirs(Path(dataset.export_dir), step))
+        final = export_student(context, *step_dirs(Path(dataset.export_dir), done))
         if dist.get_rank() == 0:
             with RolloutClient.connect(dataset.service) as client:
-                client.load_weights(final, step=step)
+                client.load_weights(final, step=done)
                 job = client.estimate()
-            log.info("step %d: student exported to %s, rollout service reloaded, estimate job %s", step, final, job)
+            log.info("step %d: student exported to %s, rollout service reloaded, estimate job %s", done, final, job)
 
 
-def export_student(model_chunks: list, student_hf: str, partial: Path, final: Path) -> Path:
-    """Collective: all ranks gather the student's weights (architecture and tokenizer of `student_hf`);
-    rank 0 writes them into `partial` and publishes it as `final` atomically, so the rollout service
-    never loads a half-written checkpoint."""
+def _route_stop_signals(state) -> None:
+    """Have every signal of STOP_SIGNALS set Bridge's stop flag (its handler exists once the config is set)."""
+    if not state.cfg.train.exit_signal_handler:
+        return
+    handler = signal.getsignal(state.signal_handler.sig)
+    for other in STOP_SIGNALS:
+        if other != state.signal_handler.sig:
+            signal.signal(other, handler)
+
+
+def export_student(context: CallbackContext, partial: Path, final: Path) -> Path:
+    """Collective: all ranks gather the student's weights (architecture and tokenizer of the dataset's
+    `student`); rank 0 writes them into `partial` and publishes it as `final` atomically, so the
+    rollout service never loads a half-written checkpoint."""
     from megatron.bridge import AutoBridge
 
     if final.exists():  # exported before a restart; it appeared whole, so keep it
         return final
+    _sync_params(context)
     if dist.get_rank() == 0:
         prepare(partial)
     dist.barrier()
-    bridge = AutoBridge.from_hf_pretrained(student_hf)
-    with unwrap_model(model_chunks[0]).hide_teacher_model():  # export the student alone
-        bridge.save_hf_pretrained(model_chunks, partial, show_progress=False)
+    bridge = AutoBridge.from_hf_pretrained(context.state.cfg.dataset.student)
+    with unwrap_model(context.model[0]).hide_teacher_model():  # export the student alone
+        bridge.save_hf_pretrained(context.model, partial, show_progress=False)
     dist.barrier()
     if dist.get_rank() == 0:
         publish(partial, final)
     dist.barrier()
     return final
+
+
+def _sync_params(context: CallbackContext) -> None:
+    """With the distributed optimizer and overlapped parameter all-gather, each rank's copy of the
+    parameters other DP ranks own is one step stale until the next forward; gather them now, as
+    Bridge does before its own checkpoint saves."""
+    from megatron.bridge.training.train import force_param_sync, should_disable_forward_pre_hook
+
+    cfg = context.state.cfg
+    if should_disable_forward_pre_hook(cfg.ddp.use_megatron_fsdp, cfg.optimizer.use_distributed_optimizer,
+                                       cfg.ddp.overlap_param_gather):
+        force_param_sync(context.model, optimizer=context.optimizer)
 
 
 def _reads_data() -> bool:
@@ -210,12 +254,19 @@ def _reads_data() -> bool:
 
 # --- entry -------------------------------------------------------------------------------------
 
-def train(config) -> None:
-    """Run a Paced recipe's ConfigContainer under torchrun/srun."""
+def train(config) -> bool:
+    """Run a Paced recipe's ConfigContainer under torchrun/srun; True when the stage finished, False when
+    a stop signal (or another of Bridge's exit conditions) ended it early with a checkpoint."""
     from megatron.bridge.training.pretrain import pretrain
 
     if not isinstance(config.dataset, PacedDataset):
         raise TypeError(f"config.dataset must be a PacedDataset, got {type(config.dataset).__name__}")
     config.dataset.global_batch_size = config.train.global_batch_size
     config.dataset.micro_batch_size = config.train.micro_batch_size
-    pretrain(config, PacedForwardStep(), callbacks=[PacedCallback()])
+    callback = PacedCallback()
+    try:
+        pretrain(config, PacedForwardStep(), callbacks=[callback])
+    except SystemExit as stop:  # Bridge exits with status 0 after a signal-stopped stage's checkpoint
+        if stop.code not in (0, None):
+            raise
+    return callback.finished
