@@ -19,7 +19,8 @@ setup: $(STAMP)
 test: setup
 	$(BIN)/python -m pytest
 
-# The main job: a complete two-stage PACED distillation on CPU against the paper's baselines (~6-9 min).
+# The main job: a complete two-stage PACED distillation on CPU against the paper's baselines; its duration on
+# 2 cores is in README.md ("What `make demo` shows"), measured with the table it reproduces.
 demo: setup
 	$(BIN)/nemo-paced demo --out runs/demo
 

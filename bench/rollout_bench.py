@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+from nemo_paced.console import quiet_third_party; quiet_third_party()  # noqa: E702  (before torch & co. warn)
 import torch
 
 

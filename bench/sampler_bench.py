@@ -18,6 +18,7 @@ import argparse
 import os
 import time
 
+from nemo_paced.console import quiet_third_party; quiet_third_party()  # noqa: E702  (before torch & co. warn)
 import numpy as np
 import torch
 import torch.distributed as dist

@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--step", type=int, help="training step of --checkpoint, recorded with the estimates")
     parser.add_argument("--ids", nargs="+", help="problem ids to estimate (default: all)")
     parser.add_argument("--ids-file", help="file with one problem id per line (default: all)")
+    parser.add_argument("--problems", metavar="FILE",
+                        help="estimate the problems of this file (e.g. the training pool alone, without the "
+                             "test problems the service also holds for evaluation)")
     parser.add_argument("--k", type=int, help="samples per problem (default: the service's --k)")
     parser.add_argument("--wait", action="store_true", help="wait until the estimation is done")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between progress polls (default 2)")
@@ -36,6 +39,10 @@ def estimate(args: argparse.Namespace) -> int:
     ids = list(args.ids or [])
     if args.ids_file:
         ids += [line.strip() for line in Path(args.ids_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.problems:
+        from nemo_paced.problems import load_problems
+
+        ids += [p.id for p in load_problems(args.problems)]
     try:
         with RolloutClient.connect(args.service) as client:
             if args.checkpoint:
