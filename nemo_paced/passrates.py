@@ -49,7 +49,9 @@ class UnknownPolicy(str, Enum):
 
     exclude: 0, not trained on until estimated (the default: no guessing).
     peak: the kernel's largest weight, treating it as a frontier problem.
-    mean: the mean weight of the estimated problems asked about.
+    mean: the mean weight of the estimated problems asked about. The unweighted modes (filter,
+    uniform) keep weights 0/1: there it is that mean rounded, 1 when at least half of the estimated
+    problems are kept, else 0.
     """
 
     EXCLUDE = "exclude"
@@ -139,7 +141,8 @@ class PassRateTable:
         if unknown is UnknownPolicy.PEAK:
             weights[~known] = _kernel_max(config)
         elif unknown is UnknownPolicy.MEAN:
-            weights[~known] = weights[known].mean() if known.any() else 0.0
+            mean = weights[known].mean() if known.any() else 0.0
+            weights[~known] = float(mean >= 0.5) if config.unweighted else mean
         return weights
 
     # --- writing ------------------------------------------------------------------------------
@@ -224,7 +227,7 @@ class PassRateTable:
 
 
 def _kernel_max(config: WeightConfig) -> float:
-    if config.mode in ("filter", "uniform"):
+    if config.unweighted:
         return 1.0
     total = config.alpha + config.beta
     if total == 0:

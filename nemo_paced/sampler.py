@@ -31,6 +31,7 @@ problem with weight 1, logged as a warning at each batch where it applies.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -94,19 +95,33 @@ class Draw:
 
 
 class TableFile:
-    """A table source that re-reads a pass-rate file (e.g. the rollout service's) when it changes."""
+    """A table source that re-reads a pass-rate file (e.g. the rollout service's) when it changes.
+
+    A change is a new (inode, device, mtime, size) or a new header version. mtime and size alone miss
+    two same-size saves within one timestamp tick (coarse on Lustre and NFS); every atomic save makes
+    a new inode, but a freed inode number can come back, so the header's version is read too."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple | None = None
         self._table: PassRateTable | None = None
 
     def __call__(self) -> PassRateTable:
-        stat = self.path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        with open(self.path, "rb") as f:  # stat and header of one file, even if a save replaces it meanwhile
+            stat = os.fstat(f.fileno())
+            header = f.readline(1 << 16)
+        stamp = (stat.st_ino, stat.st_dev, stat.st_mtime_ns, stat.st_size, _header_version(header))
         if stamp != self._stamp or self._table is None:
             self._table, self._stamp = PassRateTable.load(self.path), stamp
         return self._table
+
+
+def _header_version(line: bytes) -> object:
+    """The version in a table's header line; None when unreadable (PassRateTable.load says why)."""
+    try:
+        return json.loads(line).get("version")
+    except (ValueError, AttributeError):
+        return None
 
 
 def reader_group(is_reader: bool, replica: int | None = None) -> dist.ProcessGroup | None:

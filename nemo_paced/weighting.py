@@ -144,6 +144,11 @@ class WeightConfig:
         if min(self.prior) <= 0:
             raise ValueError(f"prior pseudo-counts must be > 0, got {self.prior!r}")
 
+    @property
+    def unweighted(self) -> bool:
+        """Whether every weight is 0 or 1 (filter and uniform modes)."""
+        return self.mode in (WeightMode.FILTER, WeightMode.UNIFORM)
+
     def pass_rates(self, successes: np.ndarray, trials: np.ndarray) -> np.ndarray:
         """The point estimate p_hat used for reporting and for the filter band."""
         if self.estimator is PassRateEstimator.POSTERIOR:
@@ -174,7 +179,7 @@ class WeightConfig:
             return kept, weights
         if self.mode is WeightMode.SAMPLE:
             return weights, kept
-        return weights, weights  # filter (0/1) and uniform (all 1)
+        return kept, kept  # filter and uniform: unweighted, whatever weights they were handed
 
 
 def _enum(kind: type[Enum], value: object, name: str) -> Enum:

@@ -62,6 +62,23 @@ def test_weights_with_unknown_policies():
         table.weights(ids, config, "guess")
 
 
+def test_unknown_mean_stays_unweighted_in_filter_mode():
+    """Filter mode is unweighted: an unestimated problem under unknown="mean" gets 0 or 1 (the mean
+    rounded), never the fraction of estimated problems inside the band."""
+    config = WeightConfig(mode="filter", band=(0.2, 0.8))
+    table = PassRateTable()
+    table.update([("a", 4, 8), ("b", 0, 8), ("c", 2, 8)])  # a and c in the band: mean 2/3
+    weights = table.weights(["a", "b", "c", "new"], config, "mean")
+    np.testing.assert_array_equal(weights, [1.0, 0.0, 1.0, 1.0])
+    table.update([("c", 8, 8)])  # only a in the band: mean 1/3
+    np.testing.assert_array_equal(table.weights(["a", "b", "c", "new"], config, "mean"), [1.0, 0.0, 0.0, 0.0])
+    table.update([("b", 4, 8)])  # a and b of three: 2/3 again; a 2-2 tie keeps it
+    assert table.weights(["a", "b", "c", "new"], config, "mean")[-1] == 1.0
+    assert table.weights(["a", "c", "new"], config, "mean")[-1] == 1.0  # one of two: exactly 0.5
+    uniform = table.weights(["a", "new"], WeightConfig(mode="uniform"), "mean")
+    np.testing.assert_array_equal(uniform, [1.0, 1.0])
+
+
 def test_save_load_roundtrip(tmp_path):
     table = PassRateTable(update_mode="accumulate", decay=0.25)
     table.update([("a", 1, 8), ("b", 3, 8)], checkpoint="c1", step=5)

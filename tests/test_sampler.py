@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -141,6 +142,17 @@ def test_unknown_problems_follow_the_policy():
     assert set(np.unique(peak).tolist()) == set(range(7))
 
 
+def test_filter_mode_with_unknown_mean_draws_unweighted():
+    """Once 0.5 for never-estimated problems, used as draw and loss weight in an unweighted mode."""
+    partial = PassRateTable()
+    partial.update([("p2", 4, 8), ("p3", 0, 8)])  # one of two in the band: mean 0.5
+    indices, weights, _ = drawn(sampler("filter", source=partial, unknown="mean"), 80)
+    assert set(np.unique(weights).tolist()) == {1.0}
+    assert 3 not in indices and set(np.unique(indices).tolist()) == {0, 1, 2, 4, 5, 6}
+    counts = np.bincount(indices, minlength=len(IDS))[[0, 1, 2, 4, 5, 6]]
+    assert chisquare(counts).pvalue > 1e-3  # uniform among the kept, estimated or not
+
+
 def test_table_file_source_rereads_a_changed_file(tmp_path):
     path = tmp_path / "passrates.jsonl"
     table().save(path)
@@ -151,6 +163,51 @@ def test_table_file_source_rereads_a_changed_file(tmp_path):
     newer.update([("p3", 8, 8)])
     newer.save(path)
     assert next(s).table_version == 2
+
+
+def _same_size_tables():
+    """Two tables whose files have the same size: the second changes p3 from 4/8 to 6/8."""
+    first = PassRateTable()
+    first.update([(i, s, 8) for i, s in zip(IDS, SUCCESSES)], checkpoint="ckpt", step=100, now=1.0)
+    second = PassRateTable()
+    second.update([(i, s, 8) for i, s in zip(IDS, SUCCESSES)], checkpoint="ckpt", step=100, now=1.0)
+    second.update([("p3", 6, 8)], checkpoint="ckpt", step=100, now=1.0)
+    return first, second
+
+
+def test_table_file_sees_a_same_size_save_within_one_timestamp_tick(tmp_path):
+    """Lustre/NFS timestamps are coarse: two same-size atomic saves can share an mtime. The new
+    inode of the atomic save tells them apart."""
+    path = tmp_path / "passrates.jsonl"
+    first, second = _same_size_tables()
+    first.save(path)
+    before = path.stat()
+    source = TableFile(path)
+    assert source().version == 1
+    second.save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same tick
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    table = source()
+    assert table.version == 2 and table["p3"].successes == 6
+
+
+def test_table_file_sees_a_new_header_version_in_a_reused_inode(tmp_path):
+    """A freed inode number can be reused by a later save: the header version still tells."""
+    path = tmp_path / "passrates.jsonl"
+    first, second = _same_size_tables()
+    first.save(path)
+    before = path.stat()
+    source = TableFile(path)
+    assert source().version == 1
+    staged = tmp_path / "second.jsonl"
+    second.save(staged)
+    with open(path, "r+b") as f:  # same inode, same size, same mtime: only the content differs
+        f.write(staged.read_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert source().version == 2
 
 
 def test_bad_settings_are_refused():

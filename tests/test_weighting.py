@@ -96,6 +96,13 @@ def test_posterior_keeps_extremes_weighted():
     np.testing.assert_allclose(w, [0.09, 0.09])
 
 
+def test_unweighted_modes_give_0_1_draw_and_loss_weights_whatever_they_are_handed():
+    for mode in ("filter", "uniform"):
+        draw, loss_w = WeightConfig(mode=mode).draw_and_loss(np.array([0.0, 0.5, 1.0, 0.25]))
+        np.testing.assert_array_equal(draw, [0.0, 1.0, 1.0, 1.0])
+        np.testing.assert_array_equal(loss_w, [0.0, 1.0, 1.0, 1.0])
+
+
 def test_modes_split_draw_and_loss_weights():
     successes, trials = np.array([0, 1, 4, 7, 8]), np.full(5, 8)
     kernel = np.array([0, 7, 16, 7, 0]) / 64
