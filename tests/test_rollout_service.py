@@ -401,52 +401,68 @@ def test_on_policy_pool_never_mixes_weights(workspace, tmp_path):
         srv.stop()
 
 
-def test_state_files_stay_small_and_stale_temp_files_go(workspace, tmp_path):
-    """A kill mid-save leaves `.NAME.*.tmp` files: removed at start. Finished jobs go to jobs.jsonl once
-    (bounded), not into service.json, which is rewritten after every batch."""
+def _in_process(root, state, **config):
     from nemo_paced.rollout.engines.hf import HFEngine
-    from nemo_paced.rollout.service import RequestError, RolloutService, ServiceConfig
+    from nemo_paced.rollout.service import RolloutService, ServiceConfig
 
-    root, _, _ = workspace
+    return RolloutService(HFEngine(str(root / "model-a"), device="cpu"), toy_problems(), first_char_in, state,
+                          ServiceConfig(k=2, max_tokens=1, seed=0, **config))
+
+
+def _run_jobs(service, count: int) -> list[str]:
+    service.start()
+    try:
+        jobs = [service.submit(["low"], k=1) for _ in range(count)]
+        deadline = time.monotonic() + 120
+        while service.queue_length() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service.queue_length() == 0
+    finally:
+        service.stop()
+    return [job.id for job in jobs]
+
+
+def test_stale_temp_files_are_removed_at_start(workspace, tmp_path):
+    """A kill mid-save leaves `.NAME.*.tmp` beside the table or state file; nothing else removes them."""
     state = tmp_path / "state"
     state.mkdir()
     stale = [state / ".passrates.jsonl.k1ll3d.tmp", state / ".service.json.abc.tmp", state / ".jobs.jsonl.x.tmp"]
     for path in stale:
         path.write_text("{half a fi")
-    unrelated = state / "notes.tmp"
-    unrelated.write_text("mine")
-    engine = HFEngine(str(root / "model-a"), device="cpu")
-    config = ServiceConfig(k=2, max_tokens=1, seed=0, max_history=3)
+    unrelated = [state / "notes.tmp", state / ".passrates.jsonl.bak"]
+    for path in unrelated:
+        path.write_text("mine")
+    _in_process(workspace[0], state)
+    assert not any(path.exists() for path in stale)
+    assert all(path.read_text() == "mine" for path in unrelated)
 
-    def run(service, count):
-        service.start()
-        try:
-            jobs = [service.submit(["low"], k=1) for _ in range(count)]
-            deadline = time.monotonic() + 120
-            while service.queue_length() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert service.queue_length() == 0
-        finally:
-            service.stop()
-        return [job.id for job in jobs]
 
-    service = RolloutService(engine, toy_problems(), first_char_in, state, config)
-    assert not any(path.exists() for path in stale) and unrelated.read_text() == "mine"
-    ids = run(service, 8)
-    assert json.loads((state / "service.json").read_text())["jobs"] == []  # no history in the per-batch file
+def test_finished_jobs_leave_the_state_file_and_their_history_is_bounded(workspace, tmp_path):
+    """service.json is rewritten after every batch: it holds only unfinished jobs. Finished ones are
+    appended once to jobs.jsonl, which keeps the newest max_history (compacted at twice that)."""
+    root = workspace[0]
+    state = tmp_path / "state"
+    service = _in_process(root, state)
+    first = _run_jobs(service, 2)
+    assert json.loads((state / "service.json").read_text())["jobs"] == []
+    assert [service.job(job_id).status for job_id in first] == ["done", "done"]
+
+    service = _in_process(root, state, max_history=3)
+    assert [service.job(job_id).status for job_id in first] == ["done", "done"]  # read back from jobs.jsonl
+    ids = first + _run_jobs(service, 6)
+    assert json.loads((state / "service.json").read_text())["jobs"] == []
     history = (state / "jobs.jsonl").read_text().splitlines()
-    assert len(history) <= 2 * config.max_history
+    assert len(history) <= 2 * 3
     assert [json.loads(line)["id"] for line in history[-3:]] == ids[-3:]
-    for job_id in ids[:-3]:
-        with pytest.raises(RequestError, match="no job"):
-            service.job(job_id)
     assert [service.job(job_id).status for job_id in ids[-3:]] == ["done"] * 3
+    for job_id in ids[:-3]:
+        with pytest.raises(ValueError, match="no job"):
+            service.job(job_id)
 
-    resumed = RolloutService(engine, toy_problems(), first_char_in, state, config)
+    resumed = _in_process(root, state, max_history=3)
     assert [resumed.job(job_id).status for job_id in ids[-3:]] == ["done"] * 3
-    with pytest.raises(RequestError):
+    with pytest.raises(ValueError, match="no job"):
         resumed.job(ids[-4])
-    ids += run(resumed, 5)
-    assert len((state / "jobs.jsonl").read_text().splitlines()) <= 2 * config.max_history
-    assert [RolloutService(engine, toy_problems(), first_char_in, state, config).job(i).status
-            for i in ids[-3:]] == ["done"] * 3
+    ids += _run_jobs(resumed, 5)
+    assert len((state / "jobs.jsonl").read_text().splitlines()) <= 2 * 3
+    assert [_in_process(root, state, max_history=3).job(i).status for i in ids[-3:]] == ["done"] * 3
