@@ -45,6 +45,7 @@ def test_commands_run_each_stage_with_its_inputs_and_outputs():
     assert "--out /scratch/run/stage2 --split 0.25" in cmds["stage2"]
     assert "--k 4 --state-dir /scratch/run/rollouts" in cmds["rollouts"]
     assert "--address-file /scratch/run/rollouts.addr" in cmds["rollouts"]
+    assert "--weights-root /scratch/run " in cmds["rollouts"]  # /weights loads only the run's checkpoints
     assert "--checkpoint /scratch/run/stage1/final --wait" in cmds["estimate1"]
     assert "--benchmarks /data/a.jsonl /data/b.jsonl --out /scratch/run/eval.json" in cmds["eval"]
     assert cmds["finish"] == "scancel $(cat /scratch/run/rollouts.jobid)"
