@@ -3,10 +3,8 @@
 the teacher's full-vocabulary log-softmax, against skipping at weight 0, resuming and corruption."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

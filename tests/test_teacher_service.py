@@ -2,20 +2,19 @@
 `nemo-paced serve-teacher` on 127.0.0.1, checked against full-vocabulary log-softmax from autograd-free
 teacher forcing."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from rollout_toys import save_tiny_model
+from teacher_toys import TeacherServer
 
 from nemo_paced.rollout.client import RequestRejected
 from nemo_paced.serving import RequestError
@@ -23,7 +22,6 @@ from nemo_paced.teacher.client import TeacherClient
 from nemo_paced.teacher.engines import HFScorer, tokenizer_fingerprint
 from nemo_paced.teacher.service import TeacherService, TeacherServiceConfig
 
-TESTS = Path(__file__).parent
 SEQUENCES = [[3, 5, 7, 1, 2, 9, 4], [1, 4], [6, 6, 6, 6, 2, 8, 8, 0, 11, 12, 13], [2, 3, 4, 5]]
 STARTS = [3, 1, 5, 2]
 
@@ -97,32 +95,6 @@ def test_waiting_requests_are_merged_and_a_full_queue_is_refused(teacher):
             np.testing.assert_array_equal(got.ids, want.ids[:, :4 + i])
             np.testing.assert_allclose(got.logprobs, want.logprobs[:, :4 + i], atol=1e-6)
             np.testing.assert_allclose(got.token_logprobs, want.token_logprobs, atol=1e-6)
-
-
-class TeacherServer:
-    """`nemo-paced serve-teacher` as a subprocess; the address file says when and where it listens."""
-
-    def __init__(self, model: Path, workdir: Path, *extra: str, env: dict | None = None) -> None:
-        self.address = workdir / "teacher.addr"
-        self.address.unlink(missing_ok=True)
-        self.log = open(workdir / "teacher.log", "a")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "nemo_paced", "serve-teacher", "--teacher", str(model), "--port", "0",
-             "--address-file", str(self.address), "--log-level", "warning", *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 180
-        while not self.address.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise RuntimeError(f"teacher service did not start: {Path(self.log.name).read_text()[-3000:]}")
-            time.sleep(0.1)
-        self.url = json.loads(self.address.read_text())["url"]
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(60)
-        self.log.close()
-        return code
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,9 @@ killed at any point loses at most the shard in flight and the same command resum
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence

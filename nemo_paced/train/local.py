@@ -85,6 +85,16 @@ class LocalTrainConfig:
     progress_every: float = 30.0
     stage: StageName | None = None  # train only this stage's steps of the schedule (None: both)
     self_teacher: SelfTeacherConfig = field(default_factory=SelfTeacherConfig)  # with teacher="self[:weights]"
+    # A frontier teacher outside the job (nemo_paced.teacher): forward KL from its top-k cache, reverse KL
+    # on the student's samples scored by the teacher service; the teacher model is then never loaded.
+    teacher_cache: str | None = None  # cache directory (nemo-paced teacher-cache): the forward-KL steps
+    teacher_service: str | None = None  # teacher service URL or address file: the reverse-KL steps
+    teacher_k: int = 64  # top-k the teacher service returns per token
+    topk_tail: str = "bucket"  # topk_kl's tail: bucket (k+1 outcomes, exact KL on them) or renormalize
+    # reverse KL against the service: "topk", the bucket reverse KL over the teacher's top-k (deterministic given
+    # the samples, the default), or "sampled", the per-token estimator log q(y) - log p(y) on the sampled tokens
+    # (unbiased for the full-vocabulary reverse KL's gradient, noisier; needs only the sampled token's log-prob)
+    rkl_estimator: str = "topk"
 
     def __post_init__(self) -> None:
         if self.stage not in (None, "fkl", "rkl"):
@@ -102,6 +112,12 @@ class LocalTrainConfig:
         for name in ("eval_every", "warmup_steps", "tokens_per_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.topk_tail not in ("bucket", "renormalize"):
+            raise ValueError(f"topk_tail must be bucket or renormalize, got {self.topk_tail!r}")
+        if self.rkl_estimator not in ("topk", "sampled"):
+            raise ValueError(f"rkl_estimator must be topk or sampled, got {self.rkl_estimator!r}")
+        if self.teacher_k < 1:
+            raise ValueError(f"teacher_k must be >= 1, got {self.teacher_k}")
         if self.self_teacher_weights is not None and (
                 self.stage == "fkl" or (self.stage is None and self.schedule.switch_step > 0)):
             raise ValueError(f"teacher {self.teacher!r}: self-distillation trains reverse KL on the student's own "
@@ -111,6 +127,16 @@ class LocalTrainConfig:
     def self_teacher_weights(self) -> str | None:
         """current / initial when the teacher is the student itself (teacher="self[:weights]"), else None."""
         return parse_teacher(self.teacher, default=self.self_teacher.weights)
+
+    @property
+    def loads_teacher_model(self) -> bool:
+        """Whether a step of this run needs the teacher's weights in the job (no cache or service covers it)."""
+        if self.self_teacher_weights is not None:
+            return False
+        first, end = stage_steps(self)
+        fkl = first < min(end, self.schedule.switch_step)
+        rkl = max(first, self.schedule.switch_step) < end
+        return (fkl and self.teacher_cache is None) or (rkl and self.teacher_service is None)
 
 
 class RunMismatch(ValueError):
@@ -156,8 +182,13 @@ def check_inputs(config: LocalTrainConfig) -> None:
     hint = (" (stage rkl starts from stage fkl's final student: train --stage fkl first, or give --init DIR)"
             if c.stage == "rkl" else "")
     require_dir(c.student, "student", hint)
-    if c.self_teacher_weights is None:
+    if c.loads_teacher_model:
         require_dir(c.teacher, "teacher")
+    if c.teacher_cache is not None:
+        require_dir(c.teacher_cache, "teacher cache", " (make it with nemo-paced teacher-cache)")
+    if c.teacher_service is not None and not c.teacher_service.startswith(("http://", "https://")):
+        require_file(c.teacher_service, "teacher service address file", " (start nemo-paced serve-teacher "
+                                                                         "--address-file FILE first, or give its URL)")
 
 
 class _Run:
@@ -189,9 +220,11 @@ class _Run:
                         "(add test problems, e.g. the demo's problems.jsonl, to evaluate)", c.problems)
         self.tokenizer = AutoTokenizer.from_pretrained(c.student)
         self.student = AutoModelForCausalLM.from_pretrained(c.student, dtype=torch.float32)
+        self.vocab_size = int(self.student.get_output_embeddings().weight.shape[0])
         self.self_teacher = None
         if c.self_teacher_weights is None:
-            self.teacher = AutoModelForCausalLM.from_pretrained(c.teacher, dtype=torch.float32).eval().requires_grad_(False)
+            self.teacher = (AutoModelForCausalLM.from_pretrained(c.teacher, dtype=torch.float32).eval()
+                            .requires_grad_(False) if c.loads_teacher_model else None)
         elif c.self_teacher_weights == "initial":  # a frozen copy of the starting student
             self.teacher = AutoModelForCausalLM.from_pretrained(c.student, dtype=torch.float32).eval().requires_grad_(False)
         else:  # current: the student itself, under no_grad
@@ -207,6 +240,13 @@ class _Run:
             loaded = load_references(c.references) if c.references is not None else {}
             references = {i: r for i, r in loaded.items() if i in pool_set}
             self.references = ReferenceBatches(self.pool, references, self.builder, c.template)
+            if c.teacher_cache is not None:
+                from nemo_paced.teacher.cache import CachedReferenceBatches, TeacherCache
+                from nemo_paced.teacher.engines import tokenizer_fingerprint
+
+                cache = TeacherCache(c.teacher_cache, tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+                                     vocab_size=self.vocab_size)
+                self.references = CachedReferenceBatches(self.references, cache, self.vocab_size)
         else:
             from nemo_paced.problems import render_prompt
             from nemo_paced.self_teacher import SelfTeacher
@@ -215,6 +255,17 @@ class _Run:
                                             lambda p: render_prompt(p, c.template, self.tokenizer), c.self_teacher)
             self.train_ids = self.self_teacher.problem_ids
         self.client = RolloutClient.connect(c.rollout)
+        self.teacher_client = None
+        if c.teacher_service is not None:
+            from nemo_paced.teacher.client import TeacherClient
+            from nemo_paced.teacher.engines import tokenizer_fingerprint
+
+            self.teacher_client = TeacherClient.connect(c.teacher_service)
+            served = self.teacher_client.info
+            if served["tokenizer"] != tokenizer_fingerprint(self.tokenizer) or served["vocab_size"] > self.vocab_size:
+                raise RunMismatch(f"the teacher service at {self.teacher_client.url} serves {served['model']!r} with "
+                                  f"another tokenizer or a larger vocabulary ({served['vocab_size']}) than the "
+                                  f"student's ({self.vocab_size}): its token ids would not mean the student's tokens")
         if c.passrates is not None:
             self.table = PassRateTable.load(c.passrates)
             self.seen_version = self.client.health()["table_version"]
@@ -288,21 +339,24 @@ class _Run:
         self.student.train()
         tokens, positions = batch["tokens"], batch["position_ids"]
         student_logits = self.student(input_ids=tokens, position_ids=positions).logits
-        with torch.no_grad():
-            if self.self_teacher is None:
-                teacher_logits = self.teacher(input_ids=tokens, position_ids=positions).logits
-            else:  # the student (or its initial copy) on the privileged prompt, aligned on the response tokens
-                from nemo_paced.self_teacher import gather_aligned
+        direction = "forward" if stage == "fkl" else "reverse"
+        if "teacher_ids" in batch:  # the teacher is outside the job: its top-k from the cache or the service
+            per_token = self._sparse_kl(student_logits, batch, direction)
+        else:
+            with torch.no_grad():
+                if self.self_teacher is None:
+                    teacher_logits = self.teacher(input_ids=tokens, position_ids=positions).logits
+                else:  # the student (or its initial copy) on the privileged prompt, aligned on the response tokens
+                    from nemo_paced.self_teacher import gather_aligned
 
-                scorer = self.teacher if self.teacher is not None else self.student
-                scorer.eval()  # no dropout in the teacher pass
-                teacher_logits = gather_aligned(scorer(input_ids=batch["teacher_tokens"],
-                                                       position_ids=batch["teacher_position_ids"]).logits,
-                                                batch["teacher_index"])
-                self.student.train()
-        per_token = vocab_parallel_kl(student_logits, teacher_logits,
-                                      direction="forward" if stage == "fkl" else "reverse",
-                                      temperature=self.config.kl_temperature)
+                    scorer = self.teacher if self.teacher is not None else self.student
+                    scorer.eval()  # no dropout in the teacher pass
+                    teacher_logits = gather_aligned(scorer(input_ids=batch["teacher_tokens"],
+                                                           position_ids=batch["teacher_position_ids"]).logits,
+                                                    batch["teacher_index"])
+                    self.student.train()
+            per_token = vocab_parallel_kl(student_logits, teacher_logits, direction=direction,
+                                          temperature=self.config.kl_temperature)
         weighted_sum, weight_sum = paced_reduce(per_token, batch["loss_mask"], batch["sample_weight"])
         loss = normalise(weighted_sum, weight_sum, len(batch["problem_ids"]))  # sum w*l / sum w
         self.optimizer.zero_grad(set_to_none=True)
@@ -318,6 +372,37 @@ class _Run:
                    "table_version": self.table.version}
         self.history["steps"].append(metrics)
         return metrics
+
+    def _sparse_kl(self, student_logits: torch.Tensor, batch: dict[str, Any], direction: str) -> torch.Tensor:
+        """Per-token divergence against a teacher known only by its top-k (and sampled-token) log-probs."""
+        from nemo_paced.loss import topk_kl
+
+        c = self.config
+        if direction == "reverse" and c.rkl_estimator == "sampled":
+            from nemo_paced.loss import sampled_reverse_kl
+
+            return sampled_reverse_kl(student_logits, batch["labels"], batch["teacher_token_logprobs"],
+                                      temperature=c.kl_temperature)
+        return topk_kl(student_logits, batch["teacher_ids"], batch["teacher_logprobs"], direction=direction,
+                       temperature=c.kl_temperature, tail=c.topk_tail)
+
+    def _served_teacher_rows(self, batch: dict[str, Any], pairs) -> dict[str, Any]:
+        """The teacher service's top-k (and sampled-token log-probs) on the student's samples, aligned with
+        the positions that predict them."""
+        from nemo_paced.teacher.cache import with_teacher_rows
+
+        c = self.config
+        sequences = [[*p.prompt_ids, *p.response_ids] for p in pairs]
+        starts = [len(p.prompt_ids) for p in pairs]
+        k = 1 if c.rkl_estimator == "sampled" else c.teacher_k
+        scored = self.teacher_client.score(sequences, starts, k)
+        rows = [(torch.from_numpy(r.ids), torch.from_numpy(r.logprobs), start) for r, start in zip(scored, starts)]
+        batch = with_teacher_rows(batch, rows, k, self.vocab_size)
+        token_logprobs = torch.zeros(batch["tokens"].shape, dtype=torch.float32)
+        for b, (r, start) in enumerate(zip(scored, starts)):
+            length = max(0, min(len(r.token_logprobs), token_logprobs.shape[1] - (start - 1)))
+            token_logprobs[b, start - 1:start - 1 + length] = torch.from_numpy(r.token_logprobs[:length])
+        return {**batch, "teacher_token_logprobs": token_logprobs}
 
     # --- data -----------------------------------------------------------------------------------
 
@@ -342,6 +427,8 @@ class _Run:
                  for r, w in zip(rollouts.problems, draw.weights)]
         self._pull()  # on-policy scores fold into pass rates once K per problem have arrived
         batch = self.builder.micro_batch(pairs)
+        if self.teacher_client is not None:
+            return self._served_teacher_rows(batch, pairs)
         return batch if self.self_teacher is None else self.self_teacher.add_teacher_rows(batch, pairs)
 
     # --- the rollout service ----------------------------------------------------------------------
