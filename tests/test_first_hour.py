@@ -203,3 +203,31 @@ def test_estimate_warns_when_every_pass_rate_is_zero(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mean pass rate 0.000" in err
     assert f"warning: every pass rate is 0 or 1 ({len(unreachable)} of {len(unreachable)} at 0)" in err
+
+
+@pytest.mark.slow
+def test_the_cpu_chain_in_launch_readme_runs_as_written(tmp_path):
+    """launch/README.md's CPU walk through the chain, run verbatim (models cached as for the demo)."""
+    text = (REPO / "launch" / "README.md").read_text()
+    script = text.split("<!-- cpu-chain -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    (tmp_path / ".cache").symlink_to(REPO / ".cache", target_is_directory=True)
+    (REPO / ".cache").mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr and "warning" not in done.stderr.lower(), done.stderr[-4000:]
+    mean = float(re.search(r"mean pass rate (\d\.\d+)", done.stderr).group(1))
+    assert 0 < mean < 1
+    assert "stage fkl done: 10 steps trained (steps 0-10)" in done.stderr
+    assert "stage rkl done: 10 steps trained (steps 10-20)" in done.stderr
+    assert re.search(r"accuracy: L1 \d+\.\d%.*\(before: L1 ", done.stderr)
+    rkl = json.loads((tmp_path / "runs" / "tiny" / "rkl" / "result.json").read_text())
+    assert rkl["stage"] == "rkl" and [s["stage"] for s in rkl["history"]["steps"]] == ["rkl"] * 10
+
+
+def test_make_references_help_names_only_flags_it_has():
+    out = subprocess.run([sys.executable, "-m", "nemo_paced", "make-references", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", out))
+    assert "--model" not in flags and "--teacher" in flags
+    assert "(default: --teacher)" in " ".join(out.split())
