@@ -75,7 +75,9 @@ class Chunk:
 
 
 # A divergence maps a chunk to its per-token value [n] (full vocabulary, identical on all ranks)
-# and, when `grad_out` is given, writes grad_scale · ∂value/∂(tempered student logits) into it.
+# and, when `grad_out` (fp32) is given, writes grad_scale · ∂value/∂(tempered student logits) into
+# it. `grad_out` may be the chunk's own `s` buffer: it is written last, after every read of `s`
+# except element-wise ones at the same position.
 Divergence = Callable[[Chunk, Comm, "Tensor | None", float], Tensor]
 
 

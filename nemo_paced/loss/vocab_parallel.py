@@ -45,6 +45,10 @@ def run_chunks(student_chunk: Callable[[int, int], Tensor], teacher: Tensor, div
     `grad_chunk(lo, hi)` (None: no gradient) returns the tensor that receives the gradient of each
     token's divergence with respect to those logits (any float dtype); `on_grad(lo, hi)` is called
     once it is written. Four fp32 `[chunk, V_local]` buffers are allocated once and reused.
+
+    A gradient destination that is not fp32 (bf16 logits) is never the `out=` of the divergence's
+    fp32 math: torch's CPU kernels with mixed dtypes run 10–20× slower than same-dtype ones. The
+    divergence writes into the chunk's student buffer instead, and one `copy_` converts it.
     """
     n, v_local = teacher.shape
     values = torch.empty(n, dtype=torch.float32, device=teacher.device)
@@ -56,11 +60,30 @@ def run_chunks(student_chunk: Callable[[int, int], Tensor], teacher: Tensor, div
         load_logits(student_chunk(lo, hi), temperature, s)
         load_logits(teacher[lo:hi], temperature, t)
         chunk = global_softmax_stats(s, t, es, et, comm)
-        grad_out = None if grad_chunk is None else grad_chunk(lo, hi)
+        dest = None if grad_chunk is None else grad_chunk(lo, hi)
+        grad_out = dest if dest is None or dest.dtype == torch.float32 else s
         values[lo:hi] = divergence(chunk, comm, grad_out, 1.0 / temperature)
+        if grad_out is not dest:
+            dest.copy_(grad_out)
         if on_grad is not None:
             on_grad(lo, hi)
     return values
+
+
+def scale_rows_(grad: Tensor, scale: Tensor, chunk_size: int) -> Tensor:
+    """`grad *= scale[:, None]` in place, `grad` 2-D of any float dtype, `scale` fp32 `[N]`.
+
+    For a non-fp32 `grad` each row chunk goes through one fp32 buffer (a mixed-dtype `mul_` is the
+    slow CPU path, and rounding `scale` to bf16 first would add a second rounding error).
+    """
+    if grad.dtype == torch.float32:
+        return grad.mul_(scale[:, None])
+    buffer = torch.empty(min(chunk_size, grad.shape[0]), grad.shape[1], dtype=torch.float32,
+                         device=grad.device)
+    for lo in range(0, grad.shape[0], chunk_size):
+        hi = min(lo + chunk_size, grad.shape[0])
+        grad[lo:hi].copy_(buffer[: hi - lo].copy_(grad[lo:hi]).mul_(scale[lo:hi, None]))
+    return grad
 
 
 class _VocabParallelDivergence(torch.autograd.Function):
@@ -74,9 +97,9 @@ class _VocabParallelDivergence(torch.autograd.Function):
             grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
             g2d = grad.view(-1, v_local)
             grad_chunk = lambda lo, hi: g2d[lo:hi]  # noqa: E731
+        ctx.chunk_size = chunk_size or default_chunk_size(v_local)
         values = run_chunks(lambda lo, hi: s2d[lo:hi], teacher.reshape(-1, v_local), divergence,
-                            temperature, Comm(group), chunk_size or default_chunk_size(v_local),
-                            grad_chunk)
+                            temperature, Comm(group), ctx.chunk_size, grad_chunk)
         ctx.grad = grad
         return values.view(student.shape[:-1])
 
@@ -87,7 +110,9 @@ class _VocabParallelDivergence(torch.autograd.Function):
             raise RuntimeError("the vocab-parallel divergence keeps one precomputed gradient and "
                                "supports a single backward pass (retain_graph is not supported)")
         ctx.grad = None
-        return grad.mul_(grad_values.unsqueeze(-1)), None, None, None, None, None
+        scale = grad_values.reshape(-1).to(torch.float32)
+        scale_rows_(grad.view(-1, grad.shape[-1]), scale, ctx.chunk_size)
+        return grad, None, None, None, None, None
 
 
 def check_options(temperature: float, chunk_size: int | None) -> None:
