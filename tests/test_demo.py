@@ -275,13 +275,15 @@ def test_micro_demo_runs_end_to_end_over_http(tmp_path):
         student_pretrain=PretrainConfig(steps=80, batch_size=32, level_weights={1: 1, 2: 1}),
         pool_per_level=16, test_per_level=8, retained_size=8, steps=4, batch_size=8, refresh_every=2,
         eval_every=2, snr_per_bin=4, seeds=(0, 1), methods=("paced", "uniform"), final_eval_samples=4)
-    report = run_demo(micro, tmp_path / "out", tmp_path / "cache", say=lambda _: None, progress=False)
+    report = run_demo(micro, tmp_path / "out", tmp_path / "cache", say=lambda _: None, progress=False,
+                      workers=2)  # runs spread over two spawned processes
     assert set(report["methods"]) == {"paced", "uniform"}
     for method in report["methods"].values():
         assert method["curve"]["steps"] == [0, 2, 4]
     budget = report["budget"]["tokens_per_step"]  # 8 sequences of the mean reference length
     for name in ("paced", "uniform"):
-        steps = json.loads((tmp_path / "out" / "runs" / f"{name}-seed0" / "result.json").read_text())["history"]["steps"]
+        result = json.loads((tmp_path / "out" / "runs" / f"{name}-seed0" / "result.json").read_text())
+        steps = result["history"]["steps"]
         assert all(abs(s["tokens"] - budget) <= 3 for s in steps), (name, budget, steps)
     paced, uniform = report["methods"]["paced"]["compute"]["mean"], report["methods"]["uniform"]["compute"]["mean"]
     assert paced["onpolicy_samples"] > 0 and uniform["onpolicy_samples"] == 0  # reverse KL samples its own

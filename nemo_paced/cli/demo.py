@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -34,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prepare-only", action="store_true",
                         help="only write the problem files and the tiny teacher and student (for the SLURM "
                              "chain); prints their paths and writes OUT/prepared.json")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes the training runs are spread over (default: 2, or 1 on a one-core "
+                             "machine; results do not depend on it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=demo)
 
@@ -54,6 +58,8 @@ def demo(args: argparse.Namespace) -> int:
     if args.study and (args.quick or args.prepare_only):
         raise SystemExit("nemo-paced demo: --study runs on its own (not with --quick or --prepare-only)")
     config = QUICK if args.quick else DemoConfig()
+    if args.workers < 1:
+        raise SystemExit("nemo-paced demo: --workers must be >= 1")
     if args.seeds is not None:
         if args.seeds < 1:
             raise SystemExit("nemo-paced demo: --seeds must be >= 1")
@@ -68,7 +74,7 @@ def demo(args: argparse.Namespace) -> int:
         from nemo_paced.demo.study import StudyConfig, format_study, run_study, scaled, write_study_plot
 
         study = StudyConfig() if args.seeds is None else scaled(StudyConfig(), seeds=tuple(range(args.seeds)))
-        report = run_study(study, args.out / "study", args.cache)
+        report = run_study(study, args.out / "study", args.cache, workers=args.workers)
         print()
         print(format_study(report))
         print(f"plot: {write_study_plot(report, args.out / 'study')}")
@@ -78,7 +84,7 @@ def demo(args: argparse.Namespace) -> int:
     from nemo_paced.demo.plots import write_plots
     from nemo_paced.demo.report import format_table
 
-    report = run_demo(config, args.out, args.cache, progress=not args.no_progress)
+    report = run_demo(config, args.out, args.cache, progress=not args.no_progress, workers=args.workers)
     print()
     print(format_table(report))
     for path in write_plots(report, args.out):

@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from nemo_paced.atomic import atomic_write_json
 from nemo_paced.problems import Problem, save_problems
@@ -289,9 +289,39 @@ def run_method(setting: Setting, method: str, seed: int, out: Path, progress: bo
             "seconds": time.perf_counter() - started}
 
 
+def run_all(setting: Setting, jobs: Sequence[tuple[str, int, dict[int, Path] | None]], out: Path,
+            workers: int = 1, progress: bool = True) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """`run_method` for every (method, seed, snapshots), in this process or spread over `workers`
+    processes (runs are independent: each has its own service, seed and directory, so the results do
+    not depend on how they are spread); yields (method, seed, run) as runs finish."""
+    if workers <= 1:
+        for method, seed, snapshots in jobs:
+            yield method, seed, run_method(setting, method, seed, out, progress, snapshots)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        futures = {pool.submit(run_method, setting, method, seed, out, False, snapshots): (method, seed)
+                   for method, seed, snapshots in jobs}
+        for future in as_completed(futures):
+            yield (*futures[future], future.result())
+
+
+def _one_thread() -> None:
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)  # tiny models: one thread per worker process
+
+
 def run_demo(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], None] = print,
-             progress: bool = True) -> dict[str, Any]:
-    """The whole experiment; returns the report (also written to out/report.json)."""
+             progress: bool = True, workers: int = 1) -> dict[str, Any]:
+    """The whole experiment; returns the report (also written to out/report.json). `workers` > 1
+    spreads the training runs over that many processes."""
     from nemo_paced.demo.report import build_report
 
     started = time.perf_counter()
@@ -306,14 +336,14 @@ def run_demo(config: DemoConfig, out: Path, cache: Path, say: Callable[[str], No
     switch = TwoStageSchedule(config.steps, config.fkl_fraction).switch_step
     probe_method = "paced" if "paced" in config.methods else config.methods[0]
     snapshots = {switch: out / "snapshots" / "switch"}
+    jobs = [(method, seed, snapshots if seed == config.seeds[0] and method == probe_method else None)
+            for seed in config.seeds for method in config.methods]
     runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in config.methods}
-    for seed in config.seeds:
-        for method in config.methods:
-            probe = seed == config.seeds[0] and method == probe_method
-            runs[method][seed] = run = run_method(setting, method, seed, out, progress,
-                                                  snapshots=snapshots if probe else None)
-            say(f"{method} seed {seed}: {run['seconds']:.0f} s, final mean over levels "
-                f"{run['final']['accuracy']['mean']:.1f} (SE {run['final']['se']['mean']:.2f})")
+    for method, seed, run in run_all(setting, jobs, out, workers, progress):
+        runs[method][seed] = run
+        say(f"{method} seed {seed}: {run['seconds']:.0f} s, final mean over levels "
+            f"{run['final']['accuracy']['mean']:.1f} (SE {run['final']['se']['mean']:.2f})")
+    runs = {m: dict(sorted(by_seed.items())) for m, by_seed in runs.items()}
     timings["training"] = time.perf_counter() - mark
 
     mark = time.perf_counter()

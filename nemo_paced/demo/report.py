@@ -58,8 +58,8 @@ def method_summary(by_seed: dict[int, dict[str, Any]], start_accuracy: dict[str,
         if "retained" in start_accuracy else None,
         "curve": {"steps": first["curve"]["steps"], "mean": curves.mean(axis=0).tolist(),
                   "std": curves.std(axis=0).tolist(),
-                  "training_tokens": np.mean([r["curve"]["training_tokens"] for r in by_seed.values()], axis=0).tolist(),
-                  "total_flops": np.mean([r["curve"]["total_flops"] for r in by_seed.values()], axis=0).tolist()},
+                  **{key: np.mean([r["curve"][key] for r in by_seed.values()], axis=0).tolist()
+                     for key in ("training_tokens", "total_flops")}},
         "compute": {"mean": {k: statistics.fmean(r["compute"][k] for r in by_seed.values()) for k in compute_keys},
                     "flops": {k: statistics.fmean(r["compute"]["flops"][k] for r in by_seed.values())
                               for k in first["compute"]["flops"]},

@@ -16,8 +16,8 @@ plug-in), which removes the shift (a percentile interval sat above the estimate 
 The cosine is pivoted on itself: a resampled mean carries extra noise that pulls its cosine towards
 0, and reflecting corrects that. Also per bin: the cosine between the bin's mean gradient and a
 held-out gradient (the mean forward-KL gradient over test problems with teacher references), i.e.
-whether what a bin teaches points where the evaluation improves. Everything is computed from the Gram matrix of the bin's gradients, so the
-bootstrap costs n x n, not n x parameters.
+whether what a bin teaches points where the evaluation improves. Everything is computed from the
+Gram matrix of the bin's gradients, so the bootstrap costs n x n, not n x parameters.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nemo_paced.atomic import atomic_write_json
-from nemo_paced.demo.experiment import DemoConfig, prepare, run_method, start_setting
+from nemo_paced.demo.experiment import DemoConfig, prepare, run_all, start_setting
 from nemo_paced.tiny_models import PretrainConfig, cached_pretrained
 
 STUDY_COMPARISONS = (("paced", "uniform"), ("paced_fkl", "uniform"), ("paced_fkl", "filter"),
@@ -26,7 +26,7 @@ _LEVELS = {1: 0.35, 2: 0.3, 3: 0.2, 4: 0.1, 5: 0.04, 6: 0.01}
 @dataclass(frozen=True)
 class StudyConfig:
     demo: DemoConfig = field(default_factory=lambda: DemoConfig(
-        steps=24, refresh_every=8, eval_every=0, fkl_fraction=0.5, final_estimate=False,
+        steps=24, refresh_every=12, eval_every=0, fkl_fraction=0.5, final_estimate=False,
         methods=("paced", "paced_fkl", "drop_extremes", "filter", "uniform")))
     # label -> the student's pretraining; the depth sets how polarised its pool starts
     arms: tuple[tuple[str, PretrainConfig], ...] = (
@@ -37,7 +37,7 @@ class StudyConfig:
 
 
 def run_study(study: StudyConfig, out: Path, cache: Path, say: Callable[[str], None] = print,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, workers: int = 1) -> dict[str, Any]:
     """Every arm's setting, runs and paired differences; written to out/report.json."""
     from nemo_paced.demo.report import machine, method_summary, paired_rows, start_summary
 
@@ -58,11 +58,12 @@ def run_study(study: StudyConfig, out: Path, cache: Path, say: Callable[[str], N
         say(f"{label}: {100 * (start_block['at_zero'] + start_block['at_one']):.0f}% of the pool at p in {{0,1}}, "
             f"start mean accuracy {start_block['accuracy']['mean']:.1f}")
         runs: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in config.methods}
-        for seed in config.seeds:
-            for method in config.methods:
-                runs[method][seed] = run = run_method(setting, method, seed, arm_out, progress)
-                say(f"  {label} {method} seed {seed}: {run['seconds']:.0f} s, mean "
-                    f"{run['final']['accuracy']['mean']:.1f}")
+        jobs = [(method, seed, None) for seed in config.seeds for method in config.methods]
+        for method, seed, run in run_all(setting, jobs, arm_out, workers, progress):
+            runs[method][seed] = run
+            say(f"  {label} {method} seed {seed}: {run['seconds']:.0f} s, mean "
+                f"{run['final']['accuracy']['mean']:.1f}")
+        runs = {m: dict(sorted(by_seed.items())) for m, by_seed in runs.items()}
         methods = {m: method_summary(by_seed, start_block["accuracy"]) for m, by_seed in runs.items()}
         arms.append({"label": label, "pretrain_steps": pretrain.steps, "level_weights": pretrain.level_weights,
                      "polarised": start_block["at_zero"] + start_block["at_one"], "start": start_block,
