@@ -58,6 +58,11 @@ def estimate(args: argparse.Namespace) -> int:
             mean = sum(r.pass_rate for r in done) / len(done) if done else float("nan")
             print(f"job {job_id} done: {status['total']} problems, table version {table.version}, "
                   f"mean pass rate {mean:.3f}, checkpoints {', '.join(status['checkpoints'])}", file=sys.stderr)
+            if "rollouts" in status:
+                asked = (status["total"] + status.get("left_out", 0)) * status["k"]
+                print(f"rollouts: {status['rollouts']} spent, {status.get('saved', 0)} saved against K={status['k']} "
+                      f"for every problem ({asked}); {status.get('left_out', 0)} confident problems kept their "
+                      "estimate", file=sys.stderr)
             if done and all(r.successes in (0, r.trials) for r in done):
                 print(degenerate_warning(done), file=sys.stderr)
             if args.out:

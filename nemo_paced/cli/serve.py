@@ -28,7 +28,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_flag: str = "--m
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm engine: tensor parallelism")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm engine (default 0.9)")
     parser.add_argument("--max-model-len", type=int, help="vllm engine: context length (default: the model's)")
-    parser.add_argument("--openai-url", help="openai engine: base URL of the completions server, http://host:port")
+    parser.add_argument("--openai-url", help="openai engine: base URL of the completions server, http://host:port "
+                                             "(one `vllm serve --data-parallel-size N` deployment), or several "
+                                             "comma-separated (replicas; a failed one's requests go to the others)")
+    parser.add_argument("--max-in-flight", type=int, default=64,
+                        help="openai engine: most completions requests outstanding at once, one per prompt "
+                             "(default 64; raise it with the deployment's GPUs)")
+    parser.add_argument("--openai-startup-timeout", type=float, default=0.0,
+                        help="openai engine: seconds to wait for a server that is still loading (default 0)")
     parser.add_argument("--openai-key-env", default="OPENAI_API_KEY",
                         help="openai engine: variable holding the server's API key, if it wants one")
     parser.add_argument("--vllm-option", action="append", default=[], metavar="KEY=VALUE",
@@ -63,7 +70,8 @@ def build_engine(args: argparse.Namespace):
         if not args.openai_url:
             raise SystemExit("nemo-paced: --engine openai needs --openai-url")
         options = {"tokenizer": args.tokenizer, "url": args.openai_url,
-                   "api_key": os.environ.get(args.openai_key_env)}
+                   "api_key": os.environ.get(args.openai_key_env), "max_in_flight": args.max_in_flight,
+                   "startup_timeout": args.openai_startup_timeout}
     else:
         options = {"tokenizer": args.tokenizer, "dtype": args.dtype or "auto", "seed": args.seed or 0,
                    "tensor_parallel_size": args.tensor_parallel_size,
@@ -127,8 +135,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-settings-change", action="store_true",
                         help="resume STATE_DIR's table although --model, --template, --verifier, --k or --max-tokens "
                              "differ from those it was estimated with (refused by default)")
+    add_adaptive_arguments(parser)
     add_server_arguments(parser, TOKEN_ENV)
     parser.set_defaults(handler=serve)
+
+
+def add_adaptive_arguments(parser: argparse.ArgumentParser) -> None:
+    from nemo_paced.rollout.adaptive import AdaptiveConfig
+
+    default = AdaptiveConfig()
+    group = parser.add_argument_group(
+        "adaptive estimation", "with --adaptive, estimation jobs spend fewer rollouts: every problem gets "
+        "--adaptive-first, then --adaptive-step more while the posterior sd of w(p) exceeds --adaptive-tolerance, "
+        "up to --adaptive-max-k; problems confidently at p = 0 or 1 keep their estimate and are re-estimated "
+        "with probability --recheck per job. Jobs report the rollouts spent and saved against K (--k)")
+    group.add_argument("--adaptive", action="store_true", help="turn the rules on (default off: K for every problem)")
+    group.add_argument("--adaptive-first", type=int, default=default.first,
+                       help=f"rollouts every problem gets first (default {default.first})")
+    group.add_argument("--adaptive-step", type=int, default=default.step,
+                       help=f"rollouts added per round (default {default.step})")
+    group.add_argument("--adaptive-max-k", type=int, default=default.max_k,
+                       help=f"most rollouts per problem and job (default {default.max_k})")
+    group.add_argument("--adaptive-tolerance", type=float, default=default.tolerance,
+                       help=f"posterior sd of w(p) at which a problem stops (default {default.tolerance})")
+    group.add_argument("--recheck", type=float, default=default.recheck,
+                       help=f"probability a confident p = 0 or 1 problem is re-estimated (default {default.recheck})")
+
+
+def adaptive_config(args: argparse.Namespace):
+    from nemo_paced.rollout.adaptive import AdaptiveConfig
+
+    if not args.adaptive:
+        return None
+    return AdaptiveConfig(first=args.adaptive_first, step=args.adaptive_step, max_k=args.adaptive_max_k,
+                          tolerance=args.adaptive_tolerance, recheck=args.recheck)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -148,7 +188,8 @@ def serve(args: argparse.Namespace) -> int:
                                template=args.template, batch_problems=args.batch_problems, seed=args.seed,
                                update_mode=args.update_mode, decay=args.decay, max_k=args.max_k,
                                max_batch=args.max_batch, max_request_bytes=args.max_request_bytes, token=token,
-                               weights_roots=tuple(args.weights_root), max_history=args.job_history)
+                               weights_roots=tuple(args.weights_root), max_history=args.job_history,
+                               adaptive=adaptive_config(args))
         verifier = resolve(args.verifier)
         problems = load_problems(args.problems, fields=field_map(args.fields), split=args.split, limit=args.limit)
     except ValueError as e:
