@@ -47,6 +47,11 @@ class ChainConfig:
     nodes: int = 1
     gpus_per_node: int = 8
     aux_gpus: int = 1
+    rollout_nodes: int = 1  # the rollout service job: nodes, GPUs per node (None: aux_gpus), TP per student copy
+    rollout_gpus: int | None = None
+    rollout_tp: int = 1
+    vllm_args: list[str] = field(default_factory=list)
+    vllm_port: int = 8100
     cpus_per_task: int | None = None
     time: str = "04:00:00"
     aux_time: str = "02:00:00"
@@ -59,12 +64,21 @@ class ChainConfig:
     mounts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("k", "nodes", "signal_seconds"):
+        if self.rollout_gpus is None:
+            self.rollout_gpus = self.aux_gpus
+        for name in ("k", "nodes", "signal_seconds", "rollout_nodes", "rollout_tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("gpus_per_node", "aux_gpus", "max_requeues"):
+        for name in ("gpus_per_node", "aux_gpus", "max_requeues", "rollout_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.rollout_nodes * self.rollout_gpus > 1:
+            if self.engine != "vllm":
+                raise ValueError(f"a rollout service on more than one GPU runs vLLM data parallelism: it needs "
+                                 f"engine vllm, got {self.engine!r}")
+            if self.rollout_gpus % self.rollout_tp:
+                raise ValueError(f"rollout_gpus ({self.rollout_gpus}) must be a multiple of rollout_tp "
+                                 f"({self.rollout_tp})")
         if not 0.0 < self.stage_split < 1.0:
             raise ValueError(f"stage_split must be a fraction strictly between 0 and 1 (both stages train), "
                              f"got {self.stage_split}")
@@ -90,6 +104,23 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
         ranks = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS\n"
         return ranks + paced("train", "--recipe", cfg.recipe, "--stage", objective, *files, *cfg.train_args)
 
+    engine: tuple[str, ...] = ("--engine", cfg.engine)
+    deployment = ""
+    dp = cfg.rollout_nodes * cfg.rollout_gpus // cfg.rollout_tp
+    if cfg.engine == "vllm" and dp > 1:
+        # One vLLM data-parallel deployment over the job's GPUs (every node runs this script once):
+        # node 0 serves the API on loopback for the service, the others run headless engines.
+        per_node = cfg.rollout_gpus // cfg.rollout_tp
+        serve = " ".join(q(a) for a in ("vllm", "serve", cfg.student, "--tensor-parallel-size", str(cfg.rollout_tp),
+                                        "--data-parallel-size", str(dp), "--data-parallel-size-local", str(per_node),
+                                        "--data-parallel-rpc-port", "13345", *cfg.vllm_args))
+        head = 'head=$(getent hosts "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" | awk \'{print $1; exit}\')'
+        deployment = "\n".join([
+            head, f'dp=(env VLLM_SERVER_DEV_MODE=1 {serve} --data-parallel-address "$head")',
+            f'[ "$SLURM_NODEID" = 0 ] || exec "${{dp[@]}}" --headless --data-parallel-start-rank $((SLURM_NODEID * {per_node}))',
+            f'"${{dp[@]}}" --host 127.0.0.1 --port {cfg.vllm_port} &', ""])
+        engine = ("--engine", "openai", "--openai-url", f"http://127.0.0.1:{cfg.vllm_port}", "--max-in-flight",
+                  str(64 * dp), "--openai-startup-timeout", str(cfg.service_wait))
     estimate = ("estimate", "--service", f"{run}/rollouts.addr")
     # The service needs a while to load its model before it publishes its address.
     wait = (f"for _ in $(seq {max(cfg.service_wait // 2, 1)}); do [ -s {q(run)}/rollouts.addr ] && break; "
@@ -97,11 +128,11 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
     return {
         "references": paced("make-references", "--engine", cfg.engine, "--teacher", cfg.teacher, "--problems", cfg.problems,
                             "--out", f"{run}/references.jsonl", *cfg.reference_args),
-        "rollouts": "\n".join([
+        "rollouts": deployment + "\n".join([
             f"echo $SLURM_JOB_ID > {q(run)}/rollouts.jobid", f"rm -f {q(run)}/rollouts.addr",
             f"host={q(cfg.service_host)}" if cfg.service_host else "host=$(hostname -I | awk '{print $1}')",
             f"(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {q(run)}/rollouts.token)",
-            paced("serve-rollouts", "--engine", cfg.engine, "--model", cfg.student, "--problems", cfg.problems,
+            paced("serve-rollouts", *engine, "--model", cfg.student, "--problems", cfg.problems,
                   "--k", str(cfg.k), "--state-dir", f"{run}/rollouts", "--port", "0", "--token-file",
                   f"{run}/rollouts.token", "--address-file", f"{run}/rollouts.addr", "--weights-root", run,
                   *cfg.service_args) + ' --host "${host:-127.0.0.1}"']),
@@ -136,7 +167,7 @@ def executor(cfg: ChainConfig, stage: str):
     kind, dependency_type, _ = CHAIN[stage]
     nodes, tasks, gpus, time = {
         "aux": (1, 1, cfg.aux_gpus, cfg.aux_time),
-        "service": (1, 1, cfg.aux_gpus, cfg.service_time),
+        "service": (cfg.rollout_nodes, 1, cfg.rollout_gpus, cfg.service_time),
         "train": (cfg.nodes, max(cfg.gpus_per_node, 1), cfg.gpus_per_node, cfg.time),
         "small": (1, 1, 0, "00:05:00"),
     }[kind]
@@ -213,6 +244,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
                    help="GPUs (= ranks) per training node; 0 = CPU, one rank (default 8)")
     p.add_argument("--aux-gpus", type=int, default=int(env("PACED_AUX_GPUS", "1")),
                    help="GPUs of the rollout, reference, estimate and eval jobs (default 1)")
+    p.add_argument("--rollout-nodes", type=int, default=int(env("PACED_ROLLOUT_NODES", "1")),
+                   help="nodes of the rollout service job (default 1)")
+    p.add_argument("--rollout-gpus", type=int, default=int(env("PACED_ROLLOUT_GPUS", "-1")),
+                   help="GPUs per rollout service node (default: --aux-gpus); above one GPU in all (with "
+                        "--engine vllm) the job runs one vLLM data-parallel deployment and the service drives it")
+    p.add_argument("--rollout-tp", type=int, default=int(env("PACED_ROLLOUT_TP", "1")),
+                   help="tensor parallelism of each student copy in that deployment (default 1)")
+    p.add_argument("--vllm-args", default=env("PACED_VLLM_ARGS", ""), help="extra flags for that `vllm serve`")
+    p.add_argument("--vllm-port", type=int, default=int(env("PACED_VLLM_PORT", "8100")),
+                   help="loopback port of that deployment's API (default 8100)")
     p.add_argument("--cpus-per-task", type=int, default=int(env("PACED_CPUS_PER_TASK", "0")) or None,
                    help="CPUs per task")
     p.add_argument("--time", default=env("PACED_TIME", "04:00:00"), help="training job time limit")
@@ -243,7 +284,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
             service_args=a.service_args.split(), reference_args=a.reference_args.split(),
             eval_args=a.eval_args.split(),
             account=a.account, partition=a.partition, qos=a.qos, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
-            aux_gpus=a.aux_gpus, cpus_per_task=a.cpus_per_task, time=a.time, aux_time=a.aux_time,
+            aux_gpus=a.aux_gpus, rollout_nodes=a.rollout_nodes,
+            rollout_gpus=None if a.rollout_gpus < 0 else a.rollout_gpus, rollout_tp=a.rollout_tp,
+            vllm_args=a.vllm_args.split(), vllm_port=a.vllm_port, cpus_per_task=a.cpus_per_task, time=a.time, aux_time=a.aux_time,
             service_time=a.service_time, service_host=a.service_host, service_wait=a.service_wait,
             signal_seconds=a.signal_seconds, max_requeues=a.max_requeues,
             image=a.image, mounts=[m for m in a.mounts.split(",") if m])

@@ -47,7 +47,15 @@ Cluster:
   --qos Q               PACED_QOS          sbatch --qos
   --nodes N             PACED_NODES        nodes per training job (default 1)
   --gpus-per-node G     PACED_GPUS_PER_NODE  GPUs (= ranks) per training node; 0 = CPU, one rank (default 8)
-  --aux-gpus G          PACED_AUX_GPUS     GPUs of the rollout, reference, estimate and eval jobs (default 1)
+  --aux-gpus G          PACED_AUX_GPUS     GPUs of the reference, estimate and eval jobs (default 1)
+  --rollout-nodes N     PACED_ROLLOUT_NODES  nodes of the rollout service job (default 1)
+  --rollout-gpus G      PACED_ROLLOUT_GPUS GPUs per rollout service node (default: --aux-gpus). With --engine
+                                           vllm and more GPUs than --rollout-tp, the job starts one vLLM
+                                           data-parallel deployment over all of them (`vllm serve
+                                           --data-parallel-size NODES*GPUS/TP`, API on 127.0.0.1:PACED_VLLM_PORT,
+                                           default 8100) and the service drives it through the openai engine
+  --rollout-tp T        PACED_ROLLOUT_TP   tensor parallelism of each student copy in that deployment (default 1)
+  --vllm-args '..'      PACED_VLLM_ARGS    extra flags for that `vllm serve` (e.g. '--max-model-len 9216')
   --cpus-per-task C     PACED_CPUS_PER_TASK  CPUs per task (default: the cluster's default)
   --time T              PACED_TIME         time limit of each training job (default 04:00:00)
   --aux-time T          PACED_AUX_TIME     time limit of the reference, estimate and eval jobs (default 02:00:00)
@@ -143,6 +151,8 @@ while [ $# -gt 0 ]; do
     --eval-args) PACED_EVAL_ARGS=$2 ;;
     --account) PACED_ACCOUNT=$2 ;; --partition) PACED_PARTITION=$2 ;; --qos) PACED_QOS=$2 ;;
     --nodes) PACED_NODES=$2 ;; --gpus-per-node) PACED_GPUS_PER_NODE=$2 ;; --aux-gpus) PACED_AUX_GPUS=$2 ;;
+    --rollout-nodes) PACED_ROLLOUT_NODES=$2 ;; --rollout-gpus) PACED_ROLLOUT_GPUS=$2 ;;
+    --rollout-tp) PACED_ROLLOUT_TP=$2 ;; --vllm-args) PACED_VLLM_ARGS=$2 ;;
     --cpus-per-task) PACED_CPUS_PER_TASK=$2 ;; --time) PACED_TIME=$2 ;; --aux-time) PACED_AUX_TIME=$2 ;;
     --service-time) PACED_SERVICE_TIME=$2 ;; --service-host) PACED_SERVICE_HOST=$2 ;;
     --service-wait) PACED_SERVICE_WAIT=$2 ;; --signal-seconds) PACED_SIGNAL_SECONDS=$2 ;;
@@ -158,15 +168,23 @@ done
 : "${PACED_K:=8}" "${PACED_ENGINE:=vllm}" "${PACED_EVAL_ENGINE:=hf}" "${PACED_STAGE_SPLIT:=0.5}"
 : "${PACED_NODES:=1}" "${PACED_GPUS_PER_NODE:=8}" "${PACED_AUX_GPUS:=1}" "${PACED_TIME:=04:00:00}"
 : "${PACED_AUX_TIME:=02:00:00}" "${PACED_SERVICE_TIME:=1-00:00:00}" "${PACED_SIGNAL_SECONDS:=300}"
+: "${PACED_ROLLOUT_NODES:=1}" "${PACED_ROLLOUT_GPUS:=$PACED_AUX_GPUS}" "${PACED_ROLLOUT_TP:=1}" "${PACED_VLLM_PORT:=8100}"
 : "${PACED_MAX_REQUEUES:=10}" "${PACED_SERVICE_WAIT:=1800}" "${PACED_RUN_DIR:=runs/$PACED_RECIPE-$(date +%Y%m%d-%H%M%S)}"
 
 for var in PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS; do
   [ -n "${!var:-}" ] || die "$var is not set: give --$(tr '[:upper:]_' '[:lower:]-' <<<"${var#PACED_}") (see --help)"
 done
 for var in PACED_K PACED_NODES PACED_GPUS_PER_NODE PACED_AUX_GPUS PACED_SIGNAL_SECONDS PACED_MAX_REQUEUES \
-  PACED_SERVICE_WAIT; do
+  PACED_SERVICE_WAIT PACED_ROLLOUT_NODES PACED_ROLLOUT_GPUS PACED_ROLLOUT_TP PACED_VLLM_PORT; do
   [[ ${!var} =~ ^[0-9]+$ ]] || die "$var must be a whole number, got '${!var}'"
 done
+[ "$PACED_ROLLOUT_NODES" -ge 1 ] && [ "$PACED_ROLLOUT_TP" -ge 1 ] ||
+  die "PACED_ROLLOUT_NODES and PACED_ROLLOUT_TP must be at least 1"
+if [ $((PACED_ROLLOUT_NODES * PACED_ROLLOUT_GPUS)) -gt 1 ]; then
+  [ "$PACED_ENGINE" = vllm ] || die "a rollout service on more than one GPU runs vLLM data parallelism: it needs --engine vllm, got '$PACED_ENGINE'"
+  [ $((PACED_ROLLOUT_GPUS % PACED_ROLLOUT_TP)) = 0 ] ||
+    die "PACED_ROLLOUT_GPUS ($PACED_ROLLOUT_GPUS) must be a multiple of PACED_ROLLOUT_TP ($PACED_ROLLOUT_TP)"
+fi
 [ -z "${PACED_CPUS_PER_TASK:-}" ] || [[ $PACED_CPUS_PER_TASK =~ ^[1-9][0-9]*$ ]] ||
   die "PACED_CPUS_PER_TASK must be a positive whole number, got '$PACED_CPUS_PER_TASK'"
 [[ $PACED_STAGE_SPLIT =~ ^0?\.[0-9]*[1-9][0-9]*$ ]] ||
@@ -199,8 +217,9 @@ common+=(--parsable --kill-on-invalid-dep=yes --open-mode=append)
 [ -n "${PACED_CPUS_PER_TASK:-}" ] && common+=(--cpus-per-task="$PACED_CPUS_PER_TASK")
 aux=(--nodes=1 --ntasks=1 --time="$PACED_AUX_TIME")
 [ "$PACED_AUX_GPUS" -gt 0 ] && aux+=(--gpus-per-node="$PACED_AUX_GPUS")
-service=(--nodes=1 --ntasks=1 --time="$PACED_SERVICE_TIME")
-[ "$PACED_AUX_GPUS" -gt 0 ] && service+=(--gpus-per-node="$PACED_AUX_GPUS")
+service=(--nodes="$PACED_ROLLOUT_NODES" --ntasks-per-node=1 --time="$PACED_SERVICE_TIME")
+[ "$PACED_ROLLOUT_NODES" = 1 ] && service=(--nodes=1 --ntasks=1 --time="$PACED_SERVICE_TIME")
+[ "$PACED_ROLLOUT_GPUS" -gt 0 ] && service+=(--gpus-per-node="$PACED_ROLLOUT_GPUS")
 train=(--nodes="$PACED_NODES" --time="$PACED_TIME" --requeue --signal=B:USR1@"$PACED_SIGNAL_SECONDS")
 if [ "$PACED_GPUS_PER_NODE" -gt 0 ]; then
   train+=(--ntasks-per-node="$PACED_GPUS_PER_NODE" --gpus-per-node="$PACED_GPUS_PER_NODE")
@@ -213,7 +232,8 @@ chain_env() {  # the settings every job reads, as a file bash can source
   local var
   for var in PACED_RECIPE PACED_RUN_DIR PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS PACED_K \
     PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_ARGS PACED_SERVICE_ARGS PACED_REFERENCE_ARGS PACED_EVAL_ARGS PACED_IMAGE PACED_MOUNTS \
-    PACED_SERVICE_HOST PACED_SERVICE_WAIT PACED_MAX_REQUEUES PACED_FAIL_STAGE; do
+    PACED_SERVICE_HOST PACED_SERVICE_WAIT PACED_MAX_REQUEUES PACED_FAIL_STAGE PACED_ROLLOUT_NODES PACED_ROLLOUT_GPUS \
+    PACED_ROLLOUT_TP PACED_VLLM_ARGS PACED_VLLM_PORT; do
     printf '%s=%q\n' "$var" "${!var:-}"
   done
 }
