@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `nemo-paced ... | head`: the reader has gone, nothing left to say
         _silence_stdout()
         return 141
+    except SystemExit as stop:  # a handler's own one-line refusal of its input: the documented status 2
+        if not isinstance(stop.code, str):
+            raise
+        print(stop.code, file=sys.stderr)
+        return 2
     except Exception as error:  # the project's own errors: one line and the documented status
         status = exit_status(error)
         if status is None:

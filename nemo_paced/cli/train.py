@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         files = StageFiles(init=args.init, teacher=args.teacher, problems=args.problems, references=args.references,
                            passrates=args.passrates, service=args.service, out=args.out, split=args.split)
         config = build(args.recipe, args.stage, args.overrides, files)
-    except (OverrideError, LookupError, ValueError) as error:
+    except (OverrideError, LookupError, ValueError, ImportError) as error:  # ImportError: Bridge on a CPU machine
         print(f"nemo-paced train: error: {error}", file=sys.stderr)
         return 2
     if args.print_config:
