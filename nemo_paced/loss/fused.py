@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nemo_paced.loss.chunked import check_options, default_chunk_size, run_chunks
 from nemo_paced.loss.divergences import Comm, Divergence
-from nemo_paced.loss.vocab_parallel import check_options, default_chunk_size, kl_direction, run_chunks
+from nemo_paced.loss.vocab_parallel import dense_chunk_loss, kl_direction
 
 
 class _FusedLinearDivergence(torch.autograd.Function):
@@ -28,8 +29,9 @@ class _FusedLinearDivergence(torch.autograd.Function):
                 temperature: float, group: dist.ProcessGroup | None, chunk_size: int) -> Tensor:
         h2d = hidden.reshape(-1, hidden.shape[-1])
         t2d = teacher.reshape(-1, teacher.shape[-1])
-        values = run_chunks(lambda lo, hi: h2d[lo:hi] @ weight.t(), t2d, divergence, temperature,
-                            Comm(group), chunk_size, None)
+        values = run_chunks(lambda lo, hi: h2d[lo:hi] @ weight.t(), h2d.shape[0], weight.shape[0],
+                            weight.device, dense_chunk_loss(t2d, divergence, temperature, Comm(group)),
+                            3, temperature, chunk_size, None)
         ctx.save_for_backward(hidden, weight, teacher)
         ctx.options = (divergence, temperature, group, chunk_size)
         return values.view(hidden.shape[:-1])
@@ -53,9 +55,10 @@ class _FusedLinearDivergence(torch.autograd.Function):
             if grad_weight is not None:
                 grad_weight.addmm_(g.t().float(), h2d[lo:hi].float())
 
-        run_chunks(lambda lo, hi: h2d[lo:hi] @ weight.t(), teacher.reshape(-1, teacher.shape[-1]),
-                   divergence, temperature, Comm(group), chunk_size,
-                   lambda lo, hi: g_buffer[: hi - lo], accumulate)
+        chunk_loss = dense_chunk_loss(teacher.reshape(-1, teacher.shape[-1]), divergence, temperature,
+                                      Comm(group))
+        run_chunks(lambda lo, hi: h2d[lo:hi] @ weight.t(), h2d.shape[0], weight.shape[0], weight.device,
+                   chunk_loss, 3, temperature, chunk_size, lambda lo, hi: g_buffer[: hi - lo], accumulate)
         if group is not None:
             dist.all_reduce(grad_hidden, group=group)
         return (grad_hidden.view(hidden.shape), grad_weight.to(weight.dtype) if want_weight else None,

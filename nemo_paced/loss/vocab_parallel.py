@@ -17,109 +17,28 @@ TRL's `generalized_jsd_loss` do); multiply by T² yourself to keep gradient scal
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nemo_paced.loss.chunked import ChunkLoss, check_options, chunked_student_loss
 from nemo_paced.loss.divergences import (
     Comm, Divergence, adaptive_kl, forward_kl, generalized_jsd, global_softmax_stats, load_logits,
     reverse_kl)
 
-# Auto chunk: about this many elements per fp32 temporary (16 MiB).
-CHUNK_ELEMENTS = 1 << 22
 
+def dense_chunk_loss(teacher: Tensor, divergence: Divergence, temperature: float,
+                     comm: Comm) -> ChunkLoss:
+    """The chunk loss of a full-vocabulary divergence against 2-D teacher logits `[N, V_local]`."""
 
-def default_chunk_size(v_local: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(v_local, 1))
-
-
-def run_chunks(student_chunk: Callable[[int, int], Tensor], teacher: Tensor, divergence: Divergence,
-               temperature: float, comm: Comm, chunk_size: int,
-               grad_chunk: Callable[[int, int], Tensor] | None,
-               on_grad: Callable[[int, int], None] | None = None) -> Tensor:
-    """Per-token divergence `[N]` (fp32) of 2-D logits, chunk by chunk over the N tokens.
-
-    `student_chunk(lo, hi)` returns the student logits of tokens lo..hi (any float dtype).
-    `grad_chunk(lo, hi)` (None: no gradient) returns the tensor that receives the gradient of each
-    token's divergence with respect to those logits (any float dtype); `on_grad(lo, hi)` is called
-    once it is written. Four fp32 `[chunk, V_local]` buffers are allocated once and reused.
-
-    A gradient destination that is not fp32 (bf16 logits) is never the `out=` of the divergence's
-    fp32 math: torch's CPU kernels with mixed dtypes run 10–20× slower than same-dtype ones. The
-    divergence writes into the chunk's student buffer instead, and one `copy_` converts it.
-    """
-    n, v_local = teacher.shape
-    values = torch.empty(n, dtype=torch.float32, device=teacher.device)
-    rows = min(chunk_size, n)
-    buffers = torch.empty(4, rows, v_local, dtype=torch.float32, device=teacher.device)
-    for lo in range(0, n, chunk_size):
-        hi = min(lo + chunk_size, n)
-        s, t, es, et = buffers[:, : hi - lo]
-        load_logits(student_chunk(lo, hi), temperature, s)
+    def chunk_loss(lo: int, hi: int, s: Tensor, work: Tensor, grad_out: Tensor | None,
+                   grad_scale: float) -> Tensor:
+        t, es, et = work
         load_logits(teacher[lo:hi], temperature, t)
-        chunk = global_softmax_stats(s, t, es, et, comm)
-        dest = None if grad_chunk is None else grad_chunk(lo, hi)
-        grad_out = dest if dest is None or dest.dtype == torch.float32 else s
-        values[lo:hi] = divergence(chunk, comm, grad_out, 1.0 / temperature)
-        if grad_out is not dest:
-            dest.copy_(grad_out)
-        if on_grad is not None:
-            on_grad(lo, hi)
-    return values
+        return divergence(global_softmax_stats(s, t, es, et, comm), comm, grad_out, grad_scale)
 
-
-def scale_rows_(grad: Tensor, scale: Tensor, chunk_size: int) -> Tensor:
-    """`grad *= scale[:, None]` in place, `grad` 2-D of any float dtype, `scale` fp32 `[N]`.
-
-    For a non-fp32 `grad` each row chunk goes through one fp32 buffer (a mixed-dtype `mul_` is the
-    slow CPU path, and rounding `scale` to bf16 first would add a second rounding error).
-    """
-    if grad.dtype == torch.float32:
-        return grad.mul_(scale[:, None])
-    buffer = torch.empty(min(chunk_size, grad.shape[0]), grad.shape[1], dtype=torch.float32,
-                         device=grad.device)
-    for lo in range(0, grad.shape[0], chunk_size):
-        hi = min(lo + chunk_size, grad.shape[0])
-        grad[lo:hi].copy_(buffer[: hi - lo].copy_(grad[lo:hi]).mul_(scale[lo:hi, None]))
-    return grad
-
-
-class _VocabParallelDivergence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, divergence: Divergence, temperature: float,
-                group: dist.ProcessGroup | None, chunk_size: int | None) -> Tensor:
-        v_local = student.shape[-1]
-        s2d = student.reshape(-1, v_local)
-        grad = grad_chunk = None
-        if ctx.needs_input_grad[0]:
-            grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-            g2d = grad.view(-1, v_local)
-            grad_chunk = lambda lo, hi: g2d[lo:hi]  # noqa: E731
-        ctx.chunk_size = chunk_size or default_chunk_size(v_local)
-        values = run_chunks(lambda lo, hi: s2d[lo:hi], teacher.reshape(-1, v_local), divergence,
-                            temperature, Comm(group), ctx.chunk_size, grad_chunk)
-        ctx.grad = grad
-        return values.view(student.shape[:-1])
-
-    @staticmethod
-    def backward(ctx, grad_values: Tensor):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("the vocab-parallel divergence keeps one precomputed gradient and "
-                               "supports a single backward pass (retain_graph is not supported)")
-        ctx.grad = None
-        scale = grad_values.reshape(-1).to(torch.float32)
-        scale_rows_(grad.view(-1, grad.shape[-1]), scale, ctx.chunk_size)
-        return grad, None, None, None, None, None
-
-
-def check_options(temperature: float, chunk_size: int | None) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens or None, got {chunk_size}")
+    return chunk_loss
 
 
 def kl_direction(direction: str) -> Divergence:
@@ -144,8 +63,9 @@ def _check(student: Tensor, teacher: Tensor, temperature: float, chunk_size: int
 def _apply(student: Tensor, teacher: Tensor, divergence: Divergence, temperature: float,
            tp_group: dist.ProcessGroup | None, chunk_size: int | None) -> Tensor:
     _check(student, teacher, temperature, chunk_size)
-    return _VocabParallelDivergence.apply(student, teacher.detach(), divergence, float(temperature),
-                                          tp_group, chunk_size)
+    chunk_loss = dense_chunk_loss(teacher.detach().reshape(-1, teacher.shape[-1]), divergence,
+                                  float(temperature), Comm(tp_group))
+    return chunked_student_loss(student, chunk_loss, 3, temperature, chunk_size)
 
 
 def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *,
