@@ -11,6 +11,9 @@ Differences that come from NeMo-Run's batch template: a training job gets `--sig
 rank is signalled, saves a checkpoint and exits non-zero) and the template requeues the job while
 `--max-requeues` allows; the rollout service records its job id in RUN_DIR/rollouts.jobid for the
 `finish` task, since NeMo-Run hands out job ids only after submission.
+
+With `--teacher self` (or self:current, self:initial) the chain is the self-distillation schedule:
+rollouts, estimate0, self (reverse KL from the base student, no references), eval, finish.
 """
 
 from __future__ import annotations
@@ -63,7 +66,14 @@ class ChainConfig:
     image: str | None = None
     mounts: list[str] = field(default_factory=list)
 
+    @property
+    def self_distillation(self) -> bool:
+        """The student is its own teacher (teacher self, self:current or self:initial)."""
+        return is_self_teacher(self.teacher)
+
     def __post_init__(self) -> None:
+        if self.teacher.startswith("self:") and not self.self_distillation:
+            raise ValueError(f"the self-teacher is self, self:current or self:initial; got {self.teacher!r}")
         if self.rollout_gpus is None:
             self.rollout_gpus = self.aux_gpus
         for name in ("k", "nodes", "signal_seconds", "rollout_nodes", "rollout_tp"):
@@ -89,6 +99,13 @@ class ChainConfig:
                 raise ValueError(f"{name} must be hf or vllm, got {value!r}")
 
 
+SELF_TEACHERS = ("self", "self:current", "self:initial")
+
+
+def is_self_teacher(teacher: str) -> bool:
+    return teacher in SELF_TEACHERS
+
+
 def commands(cfg: ChainConfig) -> dict[str, str]:
     """The bash each task runs (one copy per SLURM task), as in launch/jobs/*.sbatch."""
     run = str(cfg.run_dir)
@@ -98,9 +115,11 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
         return "exec nemo-paced " + " ".join(q(a) for a in args)
 
     def train(stage: str, objective: str, init: str) -> str:
+        two_stage = not cfg.self_distillation  # self-distillation: one stage, no references
         files = ["--init", init, "--teacher", cfg.teacher, "--problems", cfg.problems,
-                 "--references", f"{run}/references.jsonl", "--passrates", f"{run}/rollouts/passrates.jsonl",
-                 "--service", f"{run}/rollouts.addr", "--out", f"{run}/{stage}", "--split", str(cfg.stage_split)]
+                 *(["--references", f"{run}/references.jsonl"] if two_stage else []),
+                 "--passrates", f"{run}/rollouts/passrates.jsonl", "--service", f"{run}/rollouts.addr",
+                 "--out", f"{run}/{stage}", *(["--split", str(cfg.stage_split)] if two_stage else [])]
         ranks = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS\n"
         return ranks + paced("train", "--recipe", cfg.recipe, "--stage", objective, *files, *cfg.train_args)
 
@@ -140,7 +159,9 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
         "stage1": train("stage1", "fkl", cfg.student),
         "estimate1": wait + paced(*estimate, "--checkpoint", f"{run}/stage1/final", "--wait"),
         "stage2": train("stage2", "rkl", f"{run}/stage1/final"),
-        "eval": paced("eval", "--engine", cfg.eval_engine, "--model", f"{run}/stage2/final", "--benchmarks",
+        "self": train("self", "rkl", cfg.student),
+        "eval": paced("eval", "--engine", cfg.eval_engine, "--model",
+                      f"{run}/{'self' if cfg.self_distillation else 'stage2'}/final", "--benchmarks",
                       *cfg.benchmarks, "--out", f"{run}/eval.json", *cfg.eval_args),
         "finish": f"scancel $(cat {q(run)}/rollouts.jobid)",
     }
@@ -157,6 +178,18 @@ CHAIN = {
     "eval": ("aux", "afterok", ["stage2"]),
     "finish": ("small", "afterany", ["references", "estimate0", "stage1", "estimate1", "stage2", "eval"]),
 }
+# The self-distillation schedule: no references, no forward-KL stage.
+SELF_CHAIN = {
+    "rollouts": ("service", "afterok", []),
+    "estimate0": ("aux", "after", ["rollouts"]),
+    "self": ("train", "afterok", ["estimate0"]),
+    "eval": ("aux", "afterok", ["self"]),
+    "finish": ("small", "afterany", ["estimate0", "self", "eval"]),
+}
+
+
+def chain(cfg: ChainConfig) -> dict[str, tuple[str, str, list[str]]]:
+    return SELF_CHAIN if cfg.self_distillation else CHAIN
 
 
 def executor(cfg: ChainConfig, stage: str):
@@ -164,7 +197,7 @@ def executor(cfg: ChainConfig, stage: str):
     import nemo_run as run
     from nemo_run.core.execution.slurm import SlurmJobDetails
 
-    kind, dependency_type, _ = CHAIN[stage]
+    kind, dependency_type, _ = chain(cfg)[stage]
     nodes, tasks, gpus, time = {
         "aux": (1, 1, cfg.aux_gpus, cfg.aux_time),
         "service": (cfg.rollout_nodes, 1, cfg.rollout_gpus, cfg.service_time),
@@ -196,7 +229,7 @@ def submit(cfg: ChainConfig, dry_run: bool = False) -> dict[str, str]:
     scripts = commands(cfg)
     with run.Experiment(f"paced-{cfg.recipe}", base_dir=str(cfg.run_dir / "nemorun")) as exp:
         task_ids: dict[str, str] = {}
-        for stage, (_, _, deps) in CHAIN.items():
+        for stage, (_, _, deps) in chain(cfg).items():
             task_ids[stage] = exp.add(run.Script(inline=scripts[stage]), executor=executor(cfg, stage), name=stage,
                                       dependencies=[task_ids[d] for d in deps])
         if dry_run:
@@ -204,7 +237,7 @@ def submit(cfg: ChainConfig, dry_run: bool = False) -> dict[str, str]:
             return {}
         (cfg.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         exp.run(detach=True)
-        ids = {stage: job.handle.partition("://")[2].split("/")[1] for stage, job in zip(CHAIN, exp.jobs)}
+        ids = {stage: job.handle.partition("://")[2].split("/")[1] for stage, job in zip(chain(cfg), exp.jobs)}
     with open(cfg.run_dir / "jobs.tsv", "w") as f:
         for stage, job_id in ids.items():
             f.write(f"{stage}\t{job_id}\t{cfg.run_dir}/logs/log-paced-{stage}_{job_id}_0.out\n")
@@ -220,7 +253,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
     p.add_argument("recipe", help="training recipe name (nemo-paced train --recipe)")
     p.add_argument("--problems", default=env("PACED_PROBLEMS"), required=not env("PACED_PROBLEMS"),
                    help="training problems (JSONL, Parquet or HF dataset)")
-    p.add_argument("--teacher", default=env("PACED_TEACHER"), required=not env("PACED_TEACHER"), help="teacher model")
+    p.add_argument("--teacher", default=env("PACED_TEACHER"), required=not env("PACED_TEACHER"),
+                   help="teacher model, or self[:current|:initial] for the self-distillation chain")
     p.add_argument("--student", default=env("PACED_STUDENT"), required=not env("PACED_STUDENT"),
                    help="base student model")
     p.add_argument("--benchmarks", default=env("PACED_BENCHMARKS"), required=not env("PACED_BENCHMARKS"),
@@ -278,7 +312,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
 
     try:
         cfg = ChainConfig(
-            recipe=a.recipe, problems=local(a.problems), teacher=local(a.teacher), student=local(a.student),
+            recipe=a.recipe, problems=local(a.problems),
+            teacher=a.teacher if is_self_teacher(a.teacher) else local(a.teacher), student=local(a.student),
             benchmarks=[local(b) for b in a.benchmarks.split()], run_dir=run_dir, k=a.k, engine=a.engine,
             eval_engine=a.eval_engine, stage_split=a.stage_split, train_args=a.train_args.split(),
             service_args=a.service_args.split(), reference_args=a.reference_args.split(),

@@ -17,6 +17,14 @@ The chain (one sbatch job each, linked by --dependency):
   stage2       reverse-KL training, `train --stage rkl`       (afterok estimate1)
   eval         evaluation of the final student                (afterok stage2)
   finish       stops the rollout service                      (afterany of all the above)
+Self-distillation (--teacher self, self:current or self:initial; docs/self_distillation.md): the
+student is its own teacher, conditioned on each problem's solution or answer. No references job and
+no forward-KL stage:
+  rollouts, estimate0   as above
+  self         reverse-KL self-distillation from --student, `train --stage rkl --teacher self..`
+               (afterok estimate0); pass rates refreshed by the recipe as in stage2
+  eval         evaluation of RUN_DIR/self/final               (afterok self)
+  finish       stops the rollout service                      (afterany of all the above)
 A failed job's dependents are cancelled at once (--kill-on-invalid-dep=yes) and never run.
 Training jobs are submitted with --requeue and --signal=B:USR1@SECONDS: near the time limit they
 save a checkpoint, requeue themselves and resume from it.
@@ -24,7 +32,7 @@ save a checkpoint, requeue themselves and resume from it.
 Every option has an environment variable; the flag wins.
 Data and models:
   --problems PATH       PACED_PROBLEMS     training problems (JSONL, Parquet or HF dataset)   [required]
-  --teacher DIR         PACED_TEACHER      teacher model                                       [required]
+  --teacher DIR         PACED_TEACHER      teacher model, or self[:current|:initial]            [required]
   --student DIR         PACED_STUDENT      base student model                                  [required]
   --benchmarks 'A B'    PACED_BENCHMARKS   evaluation sets, space-separated                    [required]
   --run-dir DIR         PACED_RUN_DIR      where everything goes (default ./runs/RECIPE-DATE-TIME)
@@ -82,7 +90,7 @@ EOF
 
 die() { echo "paced_two_stage.sh: $*" >&2; exit 2; }
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-STAGES=(references rollouts estimate0 stage1 estimate1 stage2 eval finish)
+STAGES=(references rollouts estimate0 stage1 estimate1 stage2 self eval finish)
 
 # ---------------------------------------------------------------------------------------- status
 job_state() {  # JOBID -> "STATE REASON" from scontrol, then sacct; empty when SLURM forgot the job
@@ -198,7 +206,11 @@ fi
 # a Hugging Face dataset name, pass unchanged.
 absolute() { if [ -e "$1" ]; then realpath "$1"; else echo "$1"; fi; }
 PACED_PROBLEMS=$(absolute "$PACED_PROBLEMS")
-PACED_TEACHER=$(absolute "$PACED_TEACHER")
+case $PACED_TEACHER in
+  self | self:current | self:initial) PACED_SCHEDULE=self ;;
+  self:*) die "PACED_TEACHER: the self-teacher is self, self:current or self:initial; got '$PACED_TEACHER'" ;;
+  *) PACED_SCHEDULE=two-stage; PACED_TEACHER=$(absolute "$PACED_TEACHER") ;;
+esac
 PACED_STUDENT=$(absolute "$PACED_STUDENT")
 read -r -a benchmarks <<<"$PACED_BENCHMARKS"
 for i in "${!benchmarks[@]}"; do benchmarks[i]=$(absolute "${benchmarks[i]}"); done
@@ -230,7 +242,7 @@ small=(--nodes=1 --ntasks=1 --time=00:05:00)
 
 chain_env() {  # the settings every job reads, as a file bash can source
   local var
-  for var in PACED_RECIPE PACED_RUN_DIR PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS PACED_K \
+  for var in PACED_RECIPE PACED_SCHEDULE PACED_RUN_DIR PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS PACED_K \
     PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_ARGS PACED_SERVICE_ARGS PACED_REFERENCE_ARGS PACED_EVAL_ARGS PACED_IMAGE PACED_MOUNTS \
     PACED_SERVICE_HOST PACED_SERVICE_WAIT PACED_MAX_REQUEUES PACED_FAIL_STAGE PACED_ROLLOUT_NODES PACED_ROLLOUT_GPUS \
     PACED_ROLLOUT_TP PACED_VLLM_ARGS PACED_VLLM_PORT; do
@@ -276,6 +288,18 @@ submit() {
   printf '%-10s %s\n' "$stage" "$id"
 }
 
+if [ "$PACED_SCHEDULE" = self ]; then
+  submit rollouts rollouts.sbatch "" "${service[@]}" --
+  submit estimate0 estimate.sbatch "after:${JOB[rollouts]}" "${aux[@]}" -- "${JOB[rollouts]}"
+  submit self train.sbatch "afterok:${JOB[estimate0]}" "${train[@]}" -- rkl
+  submit eval eval.sbatch "afterok:${JOB[self]}" "${aux[@]}" --
+  submit finish finish.sbatch "afterany:${JOB[estimate0]}:${JOB[self]}:${JOB[eval]}" "${small[@]}" -- "${JOB[rollouts]}"
+  if [ "$DRY_RUN" = 0 ]; then
+    echo "run directory: $RUN"
+    echo "follow it with: $0 status $RUN"
+  fi
+  exit 0
+fi
 submit references references.sbatch "" "${aux[@]}" --
 submit rollouts rollouts.sbatch "" "${service[@]}" --
 submit estimate0 estimate.sbatch "after:${JOB[rollouts]}" "${aux[@]}" -- "${JOB[rollouts]}"

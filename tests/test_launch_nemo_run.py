@@ -83,3 +83,37 @@ def test_a_run_directory_nemo_run_would_rewrite_is_refused(capsys):
     with pytest.raises(SystemExit):
         config(run_dir="/scratch/nemo_run/x")
     assert "must not contain '/nemo_run'" in capsys.readouterr().err
+
+
+def _shell_chain(*args: str) -> dict:
+    out = subprocess.run(["bash", str(REPO / "launch" / "paced_two_stage.sh"), *args, "--run-dir", "/x", "--dry-run"],
+                         capture_output=True, text=True, check=True).stdout
+    shell = {}
+    for stage, rest in re.findall(r"^JOB_(\w+)=\$\((.*)\)$", out, re.M):
+        dep = re.search(r"--dependency=(\w+):(\S+)", rest)
+        shell[stage] = (dep.group(1), re.findall(r"JOB_(\w+)", dep.group(2))) if dep else ("afterok", [])
+    return shell
+
+
+@pytest.mark.parametrize("teacher", ["self", "self:initial"])
+def test_self_distillation_chain_has_no_references_and_no_forward_kl_stage(teacher):
+    args = [*ARGS[:4], teacher, *ARGS[5:]]
+    cfg = nemo_run_paced.parse_args([*args, "--run-dir", "/scratch/run"])[0]
+    assert cfg.teacher == teacher and nemo_run_paced.chain(cfg) is nemo_run_paced.SELF_CHAIN
+    assert list(nemo_run_paced.SELF_CHAIN) == ["rollouts", "estimate0", "self", "eval", "finish"]
+    assert _shell_chain(*args) == {stage: (kind, deps) for stage, (_, kind, deps) in nemo_run_paced.SELF_CHAIN.items()}
+    cmds = nemo_run_paced.commands(cfg)
+    assert (f"nemo-paced train --recipe tiny_cpu --stage rkl --init /m/s --teacher {teacher} --problems /data/p.jsonl "
+            "--passrates /scratch/run/rollouts/passrates.jsonl --service /scratch/run/rollouts.addr "
+            "--out /scratch/run/self") in cmds["self"]
+    assert "--references" not in cmds["self"] and "--split" not in cmds["self"]
+    assert "--model /scratch/run/self/final" in cmds["eval"]
+    assert nemo_run_paced.executor(cfg, "self").signal == "USR1@300"
+
+
+def test_an_unknown_self_teacher_is_refused(capsys):
+    with pytest.raises((SystemExit, ValueError)):
+        nemo_run_paced.parse_args([*ARGS[:4], "self:frozen", *ARGS[5:]])
+    failed = subprocess.run(["bash", str(REPO / "launch" / "paced_two_stage.sh"), *ARGS[:4], "self:frozen",
+                             *ARGS[5:], "--dry-run"], capture_output=True, text=True)
+    assert failed.returncode == 2 and "self, self:current or self:initial" in failed.stderr
