@@ -200,6 +200,7 @@ HOSTILE = [  # (path, raw JSON body, the location the 422 must name)
     ("/sample", b'{"ids": ["digits"], "seed": -9223372036854775809}', ["body", "seed"]),  # below -2**63
     ("/sample", b'{"ids": ["digits"], "seed": -1}', ["body", "seed"]),
     ("/weights", b'{"path": "x", "step": true}', ["body", "step"]),
+    ("/weights", b'{"path": "a\\u0000b"}', ["body", "path"]),  # os calls raise on a NUL byte
     ("/estimate", b'{"k": ' + b"9" * 5000 + b"}", ["body"]),  # beyond Python's integer-string limit
     ("/estimate", b'{"k": 8', ["body"]),
 ]

@@ -502,6 +502,13 @@ class WeightsRequest(Strict):
     path: str = Field(min_length=1)
     step: int | None = Field(None, ge=0, le=2**63 - 1)
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL character")
+        return value
+
 
 def create_app(service: RolloutService, on_shutdown: Callable[[], None] | None = None):
     """The ASGI app: FastAPI behind the auth and size guard; its lifespan runs the estimation worker.
