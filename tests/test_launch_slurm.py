@@ -163,3 +163,41 @@ def test_the_nemo_run_launcher_submits_the_chain_to_the_same_slurm(slurm, tiny, 
         range(*trained["stage_steps"]))
     assert status(slurm, run).returncode == 0
     assert json.loads((run / "eval.json").read_text())["benchmarks"]
+
+
+SELF_STAGES = ["rollouts", "estimate0", "self", "eval", "finish"]
+SELF_TRAIN = "schedule.total_steps=4 checkpoint_every=2 progress=false"
+
+
+def _check_self_chain(run: Path, stages: dict[str, str], states: dict[str, str], cluster: SlurmCluster) -> None:
+    """Every job ended as it should, training was reverse KL from the base student against itself."""
+    assert {s: states[stages[s]] for s in SELF_STAGES} == {**{s: "COMPLETED" for s in SELF_STAGES},
+                                                           "rollouts": "CANCELLED"}, logs(cluster, run)
+    assert not (run / "references.jsonl").exists() and not (run / "stage1").exists()
+    result = json.loads((run / "self" / "result.json").read_text())
+    assert result["status"] == "done" and result["stage"] == "rkl"
+    assert result["config"]["teacher"] == "self" and result["config"]["references"] is None
+    assert [m["stage"] for m in result["history"]["steps"]] == ["rkl"] * 4
+    assert (run / "self" / "final").is_dir() and json.loads((run / "eval.json").read_text())["benchmarks"]
+    assert status(cluster, run).returncode == 0
+
+
+def test_the_self_distillation_chain_runs_from_both_launchers(slurm, tiny, tmp_path):
+    teacher = tiny.index("--teacher") + 1
+    flags = [*tiny[:teacher], "self", *tiny[teacher + 1:], "--train-args", SELF_TRAIN]
+    run = tmp_path / "self-shell"
+    result = slurm.run("bash", str(SUBMIT), "tiny_cpu", "--run-dir", str(run), "--gpus-per-node", "0",
+                       "--aux-gpus", "0", "--cpus-per-task", "1", "--service-wait", "120", *flags)
+    ids = dict(line.split() for line in result.stdout.splitlines()[: len(SELF_STAGES)])
+    assert list(ids) == SELF_STAGES, result.stdout
+    _check_self_chain(run, ids, slurm.wait(list(ids.values()), timeout=900), slurm)
+    for later, earlier in [("self", "estimate0"), ("eval", "self"), ("finish", "eval")]:
+        assert times(slurm, ids[later])[0] >= times(slurm, ids[earlier])[1], (later, earlier)
+
+    run = tmp_path / "self-nemo-run"
+    slurm.run(sys.executable, str(REPO / "launch" / "nemo_run_paced.py"), "tiny_cpu", "--run-dir", str(run),
+              "--gpus-per-node", "0", "--aux-gpus", "0", "--cpus-per-task", "1", "--service-wait", "120", *flags,
+              timeout=300)
+    jobs = dict(line.split("\t")[:2] for line in (run / "jobs.tsv").read_text().splitlines())
+    assert list(jobs) == SELF_STAGES
+    _check_self_chain(run, jobs, slurm.wait(list(jobs.values()), timeout=900), slurm)

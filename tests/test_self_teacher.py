@@ -153,3 +153,38 @@ def test_on_policy_batches_carry_the_self_teacher_rows(setup, tmp_path):
             mask = batch["loss_mask"][row] > 0
             labels = torch.roll(batch["teacher_tokens"][row], -1)[batch["teacher_index"][row]]
             assert torch.equal(labels[mask], batch["labels"][row][mask])
+
+
+def test_tiny_recipe_and_cli_take_a_self_teacher():
+    from recipes import StageFiles
+    from recipes.tiny_cpu import tiny_cpu
+
+    config = tiny_cpu("rkl", StageFiles(teacher="self:initial"))
+    assert config.self_teacher_weights == "initial" and config.student == "runs/tiny/student"
+    assert config.schedule.switch_step == 0 and config.references is None
+    assert tiny_cpu("rkl", StageFiles(teacher="self")).self_teacher_weights == "current"
+    assert tiny_cpu("rkl", StageFiles(teacher="runs/tiny/teacher")).self_teacher_weights is None
+    with pytest.raises(ValueError, match="self-distillation is stage rkl"):
+        tiny_cpu("fkl", StageFiles(teacher="self"))
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "self[:current|:initial]" in shown and "--stage rkl --teacher self" in shown
+
+
+def _other_trainer(stage, files):
+    """A recipe whose config is not the local trainer's (as a Bridge recipe's is not)."""
+    from dataclasses import make_dataclass
+
+    return make_dataclass("Other", [("steps", int)])(steps=1)
+
+
+def test_a_recipe_without_a_self_teacher_refuses_teacher_self():
+    from nemo_paced.cli.train import build
+    from recipes import StageFiles
+
+    with pytest.raises(ValueError, match="does not take a self-teacher"):
+        build("test_self_teacher:_other_trainer", "rkl", [], StageFiles(teacher="self:initial"))
+    assert build("test_self_teacher:_other_trainer", "rkl", [], StageFiles(teacher="runs/t")).steps == 1

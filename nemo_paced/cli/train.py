@@ -27,8 +27,7 @@ def _epilog() -> str:
         "Self-distillation (reverse KL on the student's own samples, scored by the student conditioned on",
         "each problem's solution or answer; docs/self_distillation.md), e.g.",
         "  nemo-paced train --recipe tiny_cpu --stage rkl --teacher self --init runs/tiny/student",
-        "  torchrun --nproc-per-node 8 -m nemo_paced train --recipe qwen25_math_7b_self --stage rkl \\",
-        "      --teacher self --problems /data/dapo17k.jsonl --service runs/self/rollouts.addr", "",
+        "(the local trainer; the Bridge recipes do not take a self-teacher yet).", "",
         "Bridge recipes run under torchrun or srun, one process per GPU, e.g.",
         "  torchrun --nproc-per-node 8 -m nemo_paced train --recipe qwen3_8b_to_1p7b --stage fkl \\",
         "      --problems /data/dapo17k.jsonl --references runs/paced/references.jsonl train.train_iters=2000",
@@ -69,9 +68,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build(recipe: str, stage: str, overrides: list[str], files: Any = None) -> Any:
     from nemo_paced.overrides import apply_overrides
+    from nemo_paced.self_teacher import parse_teacher
     from recipes import StageFiles, resolve
 
-    return apply_overrides(resolve(recipe)(stage=stage, files=files or StageFiles()), overrides)
+    config = apply_overrides(resolve(recipe)(stage=stage, files=files or StageFiles()), overrides)
+    teacher = (files or StageFiles()).teacher
+    if teacher is not None and parse_teacher(teacher) is not None and not hasattr(config, "self_teacher_weights"):
+        raise ValueError(f"recipe {recipe!r} does not take a self-teacher ({teacher}); self-distillation runs on "
+                         "the single-machine trainer's recipes such as tiny_cpu")
+    return config
 
 
 # Exit status (EX_TEMPFAIL) of a stage stopped by a signal with its checkpoint saved, whichever the

@@ -1,0 +1,59 @@
+"""The demo's self-distillation comparison at test scale: the instruction-tuned-like student really
+uses privileged context, and every method trains from it on the same budget and is summarised."""
+
+import pytest
+import torch
+
+from dataclasses import replace
+
+from nemo_paced.demo.experiment import QUICK
+from nemo_paced.demo.self_distillation import (SELF_METHODS, SelfDistillationConfig, instruction_tuned_student,
+                                               run_self_distillation, summary)
+from nemo_paced.tasks import ChainTask
+from nemo_paced.tiny_models import PretrainConfig
+
+pytestmark = pytest.mark.slow
+
+TINY = replace(QUICK, task=ChainTask(max_level=3),
+               teacher_pretrain=PretrainConfig(steps=100, level_weights={1: 1.0, 2: 1.0, 3: 1.0}, seed=1),
+               student_pretrain=PretrainConfig(steps=200, level_weights={1: 0.5, 2: 0.3, 3: 0.2}, seed=2),
+               pool_per_level=12, test_per_level=6, retained_size=6, steps=4, batch_size=8, refresh_every=2,
+               eval_every=4, seeds=(0,), k=4, eval_samples=2, final_eval_samples=2)
+
+
+def _answer_logprob(model, tokenizer, prompt: str, answer: str) -> float:
+    ids = tokenizer(prompt + answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits.log_softmax(-1)[0, :-1]
+    targets = ids[0, 1:]
+    start = len(prompt) - 1
+    return logp[torch.arange(start, len(targets)), targets[start:]].sum().item()
+
+
+def test_the_student_uses_privileged_context(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = TINY
+    path = instruction_tuned_student(config, SelfDistillationConfig(), tmp_path / "cache")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    problems = [config.task.make([9, 0, 7, 2]), config.task.make([1, 8, 3, 6])]  # level 3: the hardest
+    bare = sum(_answer_logprob(model, tokenizer, p.prompt, p.answer) for p in problems)
+    hinted = sum(_answer_logprob(model, tokenizer, f"{p.answer}={p.prompt}", p.answer) for p in problems)
+    assert hinted > bare + 1.0  # the answer in front makes it far more likely
+    assert instruction_tuned_student(config, SelfDistillationConfig(), tmp_path / "cache") == path  # cached
+
+
+def test_comparison_runs_every_method_on_the_same_budget(tmp_path):
+    config = TINY
+    comparison = run_self_distillation(config, tmp_path / "out", tmp_path / "cache", progress=False,
+                                       say=lambda _: None)
+    assert [(r["method"], r["seed"]) for r in comparison["rows"]] == [(m, 0) for m in SELF_METHODS]
+    budget = comparison["setting"].tokens_per_step
+    for method, by_seed in comparison["runs"].items():
+        steps = by_seed[0]["result"]["history"]["steps"]
+        assert steps and all(s["stage"] == "rkl" for s in steps)
+        assert all(abs(s["tokens"] - budget) <= 4 for s in steps)  # the same response tokens per step (±1 row)
+        assert by_seed[0]["result"]["config"]["teacher"] == "self"
+    block = summary(comparison)
+    assert set(block["methods"]) == set(SELF_METHODS)
+    assert {(p["a"], p["b"]) for p in block["paired"]} == {("self_paced", "self_uniform"), ("self_paced", "self_filter")}
