@@ -67,3 +67,25 @@ def make_logits(seed: int, shape: tuple[int, ...], *, pad: int = 0, dead_row: bo
         s.view(-1, shape[-1])[0] = float("-inf")
         t.view(-1, shape[-1])[0] = float("-inf")
     return s, t, torch.rand(shape[:-1], generator=g) + 0.5
+
+
+def topk_reference(student: Tensor, ids: Tensor, log_p: Tensor, *, direction: str = "forward",
+                   tail: str = "bucket", temperature: float = 1.0) -> Tensor:
+    """Per-token top-k KL (bucket or renormalize, as `topk_kl` defines them), float64 autograd."""
+    lq = (student.double() / temperature).log_softmax(-1)
+    lq_ids, lp = lq.gather(-1, ids), log_p.double()
+    if tail == "renormalize":
+        lq_ids, lp = lq_ids.log_softmax(-1), lp.log_softmax(-1)
+    elif ids.shape[-1] < student.shape[-1]:  # append the tail outcome
+        outside = torch.ones_like(lq, dtype=torch.bool).scatter(-1, ids, False)
+        lq_tail = torch.where(outside, lq, -math.inf).logsumexp(-1, keepdim=True)
+        p_tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0)
+        lq_ids, lp = torch.cat([lq_ids, lq_tail], -1), torch.cat([lp, p_tail.log()], -1)
+    a, la, lb = (lq_ids.exp(), lq_ids, lp) if direction == "reverse" else (lp.exp(), lp, lq_ids)
+    return _kl_terms(a, la, lb).sum(-1)
+
+
+def distinct_ids(seed: int, lead: tuple[int, ...], vocab: int, k: int) -> Tensor:
+    """k distinct random ids in [0, vocab) per token, int64 `[*lead, k]`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*lead, vocab, generator=g).argsort(-1)[..., :k]

@@ -106,6 +106,15 @@ def global_softmax_stats(s: Tensor, t: Tensor, es: Tensor, et: Tensor, comm: Com
     return Chunk(s=s, t=t, es=es, et=et, log_zs=log_z[0], log_zt=log_z[1])
 
 
+def shifted_exp(s: Tensor, es: Tensor, comm: Comm) -> Tensor:
+    """One model's logits chunk minus its global row max, in place, and its exponentials into `es`.
+
+    The sum of `es` is left to the caller, to pack into one all-reduce with its other sums.
+    """
+    s.sub_(comm.max(s.amax(-1))[:, None])
+    return torch.exp(s, out=es)
+
+
 def _p_log_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     """p·(log p − log q) element-wise, exactly 0 where p = 0."""
     return torch.where(p > 0, p * (log_p - log_q), 0.0)
