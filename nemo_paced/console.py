@@ -10,6 +10,7 @@ time stamp, readable in a log file, and other packages' messages from WARNING up
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -26,7 +27,11 @@ def quiet_third_party() -> None:
 
 
 def setup_logging() -> None:
-    """INFO and up from nemo_paced, WARNING and up from everything else, to stderr, one line each."""
+    """INFO and up from nemo_paced, WARNING and up from everything else, to stderr, one line each. Off a
+    terminal (a SLURM log) the Hugging Face libraries' progress bars are off too, in child processes also:
+    a bar redrawn with carriage returns is one endless line in a file."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -231,3 +231,17 @@ def test_make_references_help_names_only_flags_it_has():
     flags = set(re.findall(r"(--[a-z][a-z-]+)", out))
     assert "--model" not in flags and "--teacher" in flags
     assert "(default: --teacher)" in " ".join(out.split())
+
+
+def test_a_log_file_gets_no_progress_bars_from_hugging_face_libraries(tmp_path):
+    """In a SLURM log, transformers' "Loading weights" bar is a carriage-return line; the command turns it off."""
+    from rollout_toys import save_tiny_model
+
+    save_tiny_model(tmp_path / "model")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "prompt": "1+1=", "answer": "2"}) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    done = subprocess.run([sys.executable, "-m", "nemo_paced", "eval", "--model", str(tmp_path / "model"),
+                           "--benchmarks", str(tmp_path / "p.jsonl"), "--n", "1", "--template", "raw",
+                           "--verifier", "exact", "--max-tokens", "2", "--out", str(tmp_path / "e.json")],
+                          capture_output=True, text=True, env=env, check=True)
+    assert "Loading weights" not in done.stderr and "\r" not in done.stderr, done.stderr
