@@ -49,3 +49,13 @@ def test_passrates_show_reports_a_bad_file(tmp_path, capsys):
     bad.write_text('{"format": "nemo-paced.passrates", "schema": 1, "version": 1}\n{"problem_id": 3}\n')
     assert main(["passrates", "show", str(bad)]) == 2
     assert "bad.jsonl:2: field 'problem_id'" in capsys.readouterr().err
+
+
+def test_passrates_show_warns_when_every_pass_rate_is_0_or_1(tmp_path, capsys):
+    table = PassRateTable()
+    table.update([("a", 0, 8), ("b", 0, 8), ("c", 8, 8)], checkpoint="c")
+    table.save(tmp_path / "t.jsonl")
+    assert main(["passrates", "show", str(tmp_path / "t.jsonl")]) == 0
+    captured = capsys.readouterr()
+    assert "kept 0/3, ESS 0.0" in captured.out
+    assert "warning: every pass rate is 0 or 1 (2 of 3 at 0)" in captured.err

@@ -81,4 +81,10 @@ def show_table(args: argparse.Namespace) -> int:
           f"kept {w['kept']}/{summary['problems']}, ESS {w['ess']:.1f}"
           + (f", mean {w['mean']:.4f}, min {q['min']:.4f}, q25 {q['q25']:.4f}, median {q['median']:.4f}, "
              f"q75 {q['q75']:.4f}, max {q['max']:.4f}" if summary["problems"] else ""))
+    if summary["problems"] and summary["fraction_p0"] + summary["fraction_p1"] >= 1.0:
+        import sys
+
+        from nemo_paced.cli.estimate import degenerate_warning
+
+        print(degenerate_warning(table.records()), file=sys.stderr)
     return 0
