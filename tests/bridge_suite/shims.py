@@ -69,6 +69,8 @@ SHIMS = [
 
 
 def _is_cuda(device: object) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):  # an ordinal, as torch.cuda.current_device() gives
+        return True
     if isinstance(device, str):
         return device.startswith("cuda")
     return isinstance(device, torch.device) and device.type == "cuda"
@@ -219,7 +221,11 @@ def apply() -> None:
     # cpu_rng_state
     mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
-    torch.cuda.manual_seed = lambda seed: None
+    # the tracker's add() (random.py:303-306) seeds and reads "the CUDA generator": the CPU one here
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)  # (torch.manual_seed calls
+    # torch.cuda.manual_seed_all, which stays a lazy no-op without a GPU)
     # seed_rng_tracker: seed the tracker as initialize.py:869-881 does with a GPU (no TE tracker)
     set_random_seed = initialize._set_random_seed
 

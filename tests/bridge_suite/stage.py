@@ -1,9 +1,10 @@
 """torchrun entry of the Bridge suite: `nemo-paced train ARGS...` with the CPU shims and CPU settings.
 
 Runs the real command line (recipe builder, file options, overrides, Bridge's `pretrain()` through
-`nemo_paced.cli.train.run`, its exit status) with two test-only additions: `shims.apply()` before
-anything imports Megatron Bridge, and `cpu_settings` applied to the built config (megatron-core's
-local layer spec instead of Transformer Engine's, fp32, no fusions, gloo). Every rank appends what it
+`nemo_paced.cli.train.run`, its exit status) with two test-only additions on a CPU: `shims.apply()`
+before anything imports Megatron Bridge, and `cpu_settings` applied to the built config (megatron-core's
+local layer spec instead of Transformer Engine's, fp32, no fusions, gloo). With BRIDGE_SUITE_GPU=1
+(bench/gpu_smoke.sh) neither: the recipe runs as built, on CUDA with NCCL. Every rank appends what it
 saw to $BRIDGE_SUITE_RECORD (JSON lines): each step's loss, the model sizes built, the exports made.
 """
 
@@ -36,6 +37,7 @@ def cpu_settings(config) -> None:
     for name in ("bias_activation_fusion", "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
                  "apply_rope_fusion", "gradient_accumulation_fusion", "cross_entropy_loss_fusion"):
         setattr(model, name, False)
+    model.sequence_parallel = False  # megatron-core's torch norms refuse it (torch_norm.py:50); TE's take it
     model.bf16 = model.fp16 = False
     model.params_dtype = model.pipeline_dtype = torch.float32
     model.autocast_dtype = torch.float32
@@ -89,12 +91,14 @@ def _instrument() -> None:
 
 
 def main(argv: list[str]) -> int:
-    import shims
+    gpu = os.environ.get("BRIDGE_SUITE_GPU") == "1"  # bench/gpu_smoke.sh: the recipe as it is, NCCL, no shims
+    if not gpu:
+        import shims
 
-    shims.apply()
-    import torch.distributed as dist
+        shims.apply()
+        import torch.distributed as dist
 
-    dist.init_process_group("gloo")  # before Bridge, which then skips its CUDA device set-up
+        dist.init_process_group("gloo")  # before Bridge, which then skips its CUDA device set-up
     import nemo_paced.cli.train as train_cli
     from nemo_paced.cli import main as cli_main
 
@@ -104,7 +108,8 @@ def main(argv: list[str]) -> int:
         cpu_settings(config)
         return run(config)
 
-    train_cli.run = cpu_run
+    if not gpu:
+        train_cli.run = cpu_run
     _instrument()
     code = cli_main(["train", *argv])
     record(event="exit", code=code)

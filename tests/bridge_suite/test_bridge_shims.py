@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import _pythonpath
 from shims import SHIMS
 
 
@@ -36,5 +36,5 @@ assert torch.equal(a, torch.rand(3))
 print('ok')
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+                         env={**os.environ, "PYTHONPATH": _pythonpath()})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

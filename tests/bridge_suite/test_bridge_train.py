@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 
 import pytest
@@ -93,3 +94,15 @@ def test_mid_run_export_with_distributed_optimizer_is_synced(bridge_stage, tmp_p
     refresh, final = _weights(run.out / "student_hf" / "step-0000004"), _weights(run.out / "final")
     stale = [k for k in final if not torch.equal(refresh[k], final[k])]
     assert not stale, f"parameters differ between the step-4 export and the final one: {stale}"
+
+
+@pytest.mark.skipif(os.environ.get("BRIDGE_SUITE_GPU") != "1", reason="GPU only: bench/gpu_smoke.sh runs it on one GPU")
+def test_fkl_stage_on_one_gpu_with_nccl(bridge_stage, tmp_path):
+    """The same recipe as built for H100s (Transformer Engine layers, bf16, NCCL), on the tiny models."""
+    run = bridge_stage(tmp_path / "gpu", "fkl", nproc=1)
+    assert run.code == 0, run.log[-6000:]
+    steps = run.steps()
+    assert sorted(steps) == [1, 2, 3, 4]
+    assert all(math.isfinite(v) for loss in steps.values() for v in loss.values())
+    assert (run.out / "final" / "config.json").exists()
+    print("GPU fkl stage losses:", steps)
