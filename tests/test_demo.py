@@ -316,3 +316,17 @@ def test_tiny_models_are_cached_by_content_and_learn(tmp_path):
     assert meta["final_loss"] < 1.5  # an untrained model scores about ln(15) = 2.7 per answer token
     loaded = AutoModelForCausalLM.from_pretrained(first)
     assert loaded.config.vocab_size == 15 and loaded.config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--study", "--quick"], "--study runs on its own"),
+    (["--study", "--self-distillation"], "--study runs on its own"),
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+])
+def test_demo_command_refuses_conflicting_options(argv, message, tmp_path, capsys):
+    from nemo_paced.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prepare-only", action="store_true",
                         help="only write the problem files and the tiny teacher and student (for the SLURM "
                              "chain); prints their paths and writes OUT/prepared.json")
+    parser.add_argument("--self-distillation", action="store_true",
+                        help="the self-distillation comparison instead (PACED vs unweighted vs hard filter, reverse "
+                             "KL on the student's own samples against the student itself with the answer in its "
+                             "prompt; same budget and seeds; with --quick, the quick settings); writes "
+                             "OUT/self/report.json")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes the training runs are spread over (default: 2, or 1 on a one-core "
                              "machine; results do not depend on it)")
@@ -55,8 +60,9 @@ def demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)  # tiny models: more threads only add contention on a small machine
-    if args.study and (args.quick or args.prepare_only):
-        raise SystemExit("nemo-paced demo: --study runs on its own (not with --quick or --prepare-only)")
+    if args.study and (args.quick or args.prepare_only or args.self_distillation):
+        raise SystemExit("nemo-paced demo: --study runs on its own (not with --quick, --prepare-only or "
+                         "--self-distillation)")
     config = QUICK if args.quick else DemoConfig()
     if args.workers < 1:
         raise SystemExit("nemo-paced demo: --workers must be >= 1")
@@ -79,6 +85,19 @@ def demo(args: argparse.Namespace) -> int:
         print(format_study(report))
         print(f"plot: {write_study_plot(report, args.out / 'study')}")
         print(f"report: {args.out / 'study' / 'report.json'} ({report['seconds']:.0f} s)")
+        return 0
+
+    if args.self_distillation:
+        from nemo_paced.atomic import atomic_write_json
+        from nemo_paced.demo.report import format_paired, machine
+        from nemo_paced.demo.self_distillation import run_self_distillation, summary
+
+        block = {"machine": machine(), **summary(run_self_distillation(config, args.out / "self", args.cache,
+                                                                       progress=not args.no_progress))}
+        atomic_write_json(args.out / "self" / "report.json", block)
+        print()
+        print(format_paired(block["paired"]))
+        print(f"report: {args.out / 'self' / 'report.json'}")
         return 0
 
     from nemo_paced.demo.plots import write_plots

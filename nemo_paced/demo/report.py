@@ -154,12 +154,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"accuracy (%) over {evaluation['samples_per_problem']} samples per test problem; ± is the std over "
                  f"{seeds} seed(s); largest evaluation SE of a run's mean: {evaluation['max_se_mean']:.2f} points")
     lines.append("")
-    lines.append(f"{'paired difference (a - b)':<34}{'bench':>9}{'mean':>8}{'95% t interval':>20}"
-                 f"{'95% bootstrap':>20}{'Wilcoxon p':>12}{'a better':>10}")
-    for row in report["paired"]:
-        lines.append(f"{row['a'] + ' - ' + row['b']:<34}{row['benchmark']:>9}{row['mean']:>+8.2f}"
-                     f"{_interval(row['t_ci95']):>20}{_interval(row['bootstrap_ci95']):>20}"
-                     f"{row['wilcoxon_p']:>12.3f}{row['better']:>6} / {row['n']}")
+    lines.append(format_paired(report["paired"]))
     lines.append("")
     lines.append(f"compute per run (mean over seeds); {report['compute']['formula']}")
     lines.append(f"{'method':<14}{'train tok':>11}{'teacher tok':>12}{'estim tok':>11}{'on-pol tok':>11}"
@@ -201,6 +196,17 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{p:>6.3f}" + cells)
     lines.append("")
     lines.append(report["verdict"])
+    return "\n".join(lines)
+
+
+def format_paired(paired: list[dict[str, Any]]) -> str:
+    """The paired differences over seeds, one line per comparison and benchmark."""
+    lines = [f"{'paired difference (a - b)':<34}{'bench':>9}{'mean':>8}{'95% t interval':>20}"
+             f"{'95% bootstrap':>20}{'Wilcoxon p':>12}{'a better':>10}"]
+    for row in paired:
+        lines.append(f"{row['a'] + ' - ' + row['b']:<34}{row['benchmark']:>9}{row['mean']:>+8.2f}"
+                     f"{_interval(row['t_ci95']):>20}{_interval(row['bootstrap_ci95']):>20}"
+                     f"{row['wilcoxon_p']:>12.3f}{row['better']:>6} / {row['n']}")
     return "\n".join(lines)
 
 
