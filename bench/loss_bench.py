@@ -12,15 +12,20 @@ Peak extra memory (documented method):
   one row's garbage cannot hide in the next row's baseline. tracemalloc is useless here: it sees
   Python's allocator only, not torch's.
 - CUDA: `torch.cuda.max_memory_allocated()` − allocated-before, after `reset_peak_memory_stats()`.
-Time: median of `--repeats` rounds, each round running every row once (after one warm-up run per
-row), so that load changes on a shared machine hit all rows alike; one torch thread per process by
-default.
+Time: minimum of `--repeats` rounds, each round running every row once (after one warm-up run per
+row), so that load changes on a shared machine hit all rows alike and the least-disturbed run
+counts; one torch thread per process by default (`--threads`).
+
+`nemo_paced topk_kl k=64` is the sparse loss against the teacher's top 64 ids and log-probs
+(taken from the same teacher logits, outside the timed region); its baseline is the dense
+`nemo_paced kl` of the same direction, its error is against the float64 top-k reference.
 
 TP = 2 runs the same rows in 2 processes joined by gloo on 127.0.0.1 (each holds half of the
 vocabulary; the naive rows all-gather it); the figures are rank 0's, memory per rank.
 
-    .venv/bin/python bench/loss_bench.py            # CPU table (about 5 minutes on 2 cores)
+    .venv/bin/python bench/loss_bench.py            # CPU tables, fp32 and bf16 logits (long)
     .venv/bin/python bench/loss_bench.py --quick     # small shapes, a smoke run
+    .venv/bin/python bench/loss_bench.py --sections tp1 --shape 2048x32768 --threads 2
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import argparse
 import ctypes
 import gc
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -45,9 +49,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from gloo_ranks import free_port  # noqa: E402
-from loss_reference import reference  # noqa: E402  (the float64 reference the tests use)
+from loss_reference import reference, topk_reference  # noqa: E402  (the float64 references the tests use)
 from nemo_paced.loss import (  # noqa: E402
-    fused_linear_kl, vocab_parallel_akl, vocab_parallel_jsd, vocab_parallel_kl)
+    fused_linear_kl, topk_kl, vocab_parallel_akl, vocab_parallel_jsd, vocab_parallel_kl)
+
+TOP_K = 64
 
 # loss(*differentiable inputs, teacher_logits, group) -> per-token values [N]
 Loss = Callable[..., torch.Tensor]
@@ -151,19 +157,32 @@ def fused(direction: str) -> Loss:
                                                             tp_group=group)
 
 
+def topk(direction: str, ids: torch.Tensor, logprobs: torch.Tensor) -> Loss:
+    return lambda s, t, group: topk_kl(s, ids, logprobs, direction=direction, tp_group=group)
+
+
 @dataclass
 class Row:
     name: str
     loss: Loss
-    kind: str  # what it computes, for the float64 reference: forward | reverse | jsd (β=½) | akl (μ=½)
+    # what it computes, for the float64 reference: forward | reverse | jsd (β=½) | akl (μ=½) | topk
+    kind: str
 
     @property
-    def baseline(self) -> str:  # the ModelOpt row of the same direction
+    def baseline(self) -> str:  # the ModelOpt row of the same direction; the dense KL for top-k
+        if self.kind == "topk":
+            return "nemo_paced kl fwd"
         prefix = "head + " if self.name.startswith(("head", "nemo_paced fused")) else ""
         return f"{prefix}modelopt {'rev' if self.kind == 'reverse' else 'fwd'}"
 
 
-def rows(tp: int) -> list[Row]:
+def teacher_topk(teacher: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k global ids and their log-probabilities, from its full logits."""
+    ids = teacher.float().topk(k, -1).indices
+    return ids, teacher.float().log_softmax(-1).gather(-1, ids)
+
+
+def rows(tp: int, top: tuple[torch.Tensor, torch.Tensor]) -> list[Row]:
     out = [Row("modelopt fwd", modelopt(False), "forward"),
            Row("modelopt rev", modelopt(True), "reverse"),
            Row("nemo_paced kl fwd", ours(vocab_parallel_kl, direction="forward"), "forward"),
@@ -171,7 +190,8 @@ def rows(tp: int) -> list[Row]:
            Row("naive torch fwd", naive(False), "forward"),
            Row("naive torch rev", naive(True), "reverse"),
            Row("nemo_paced jsd b=0.5", ours(vocab_parallel_jsd, beta=0.5), "jsd"),
-           Row("nemo_paced akl", ours(vocab_parallel_akl), "akl")]
+           Row("nemo_paced akl", ours(vocab_parallel_akl), "akl"),
+           Row(f"nemo_paced topk_kl k={TOP_K} fwd", topk("forward", *top), "topk")]
     if tp == 1:
         try:
             import trl as _trl  # noqa: F401
@@ -197,9 +217,11 @@ def references(student: torch.Tensor, teacher: torch.Tensor, kinds: set[str], ro
     """Float64 per-token values of the full logits, chunked to bound memory."""
     out = {}
     for kind in kinds:
-        out[kind] = torch.cat([reference(kind, student[i:i + rows_per_chunk].double(),
-                                         teacher[i:i + rows_per_chunk].double())
-                               for i in range(0, student.shape[0], rows_per_chunk)])
+        parts = []
+        for i in range(0, student.shape[0], rows_per_chunk):
+            s, t = student[i:i + rows_per_chunk].double(), teacher[i:i + rows_per_chunk].double()
+            parts.append(topk_reference(s, *teacher_topk(t)) if kind == "topk" else reference(kind, s, t))
+        out[kind] = torch.cat(parts)
     return out
 
 
@@ -255,7 +277,7 @@ def measure(rows_: list[Row], tensors: tuple[torch.Tensor, ...], group, repeats:
         for row, result in zip(rows_, results):
             result["times"].append(_timed(row, tensors, group))
     for result in results:
-        result["time"] = statistics.median(result.pop("times"))
+        result["time"] = min(result.pop("times"))
     return results
 
 
@@ -278,7 +300,7 @@ def head_inputs(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device
 
 def table(results: list[dict], title: str) -> str:
     by_name = {r["name"]: r for r in results}
-    lines = [f"\n{title}", f"| {'loss (forward+backward)':28} | peak extra MiB | x ModelOpt | time s | x ModelOpt | max rel. error vs fp64 |",
+    lines = [f"\n{title}", f"| {'loss (forward+backward)':28} | peak extra MiB | x baseline | time s | x baseline | max rel. error vs fp64 |",
              f"|{'-' * 30}|---------------:|-----------:|-------:|-----------:|-----------------------:|"]
     for r in results:
         base = by_name[r["baseline"]]
@@ -290,7 +312,8 @@ def table(results: list[dict], title: str) -> str:
 def run_shape(tokens: int, vocab: int, dtype: torch.dtype, device, repeats: int, group=None,
               rank: int = 0, tp: int = 1) -> list[dict]:
     tensors = inputs(tokens, vocab, dtype, device, rank, tp)
-    return measure(rows(tp), tensors, group, repeats, lambda: inputs(tokens, vocab, dtype, device))
+    top = teacher_topk(inputs(tokens, vocab, dtype, device)[1])
+    return measure(rows(tp, top), tensors, group, repeats, lambda: inputs(tokens, vocab, dtype, device))
 
 
 def run_head(tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device, repeats: int) -> list[dict]:
@@ -332,15 +355,17 @@ def run_tp(tp: int, tokens: int, vocab: int, dtype, repeats: int, threads: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only (smoke run)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (minimum)")
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                        help="logit dtypes, one set of tables each")
+    parser.add_argument("--shape", nargs="+", metavar="TOKENSxVOCAB",
+                        help="replace the logits tables' shapes (TP=1 and TP=2), e.g. 2048x32768")
     parser.add_argument("--sections", nargs="+", choices=["tp1", "head", "tp2"],
                         default=["tp1", "head", "tp2"], help="which tables to run")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads per process (1: stable timings on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
     _force_mmap()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -351,24 +376,26 @@ def main() -> None:
     else:
         shapes_tp1 = [(1024, 32768), (4096, 32768), (1024, 151936)]
         shapes_tp2, shapes_head = [(4096, 32768)], [(4096, 32768, 256)]
+    if args.shape:
+        shapes_tp1 = shapes_tp2 = [tuple(int(x) for x in shape.split("x")) for shape in args.shape]
     cpu = os.cpu_count()
     print(f"# torch {torch.__version__}, {device} ({torch.cuda.get_device_name() if cuda else f'{cpu} CPU cores'}), "
-          f"{args.dtype} logits, {args.threads} thread(s) per process, median of {args.repeats}")
+          f"{args.threads} thread(s) per process, minimum of {args.repeats}")
     shapes_tp1 = shapes_tp1 if "tp1" in args.sections else []
     shapes_head = shapes_head if "head" in args.sections else []
     shapes_tp2 = shapes_tp2 if "tp2" in args.sections else []
-    for tokens, vocab in shapes_tp1:
-        res = run_shape(tokens, vocab, dtype, device, args.repeats)
-        print(table(res, f"TP=1, {tokens} tokens x {vocab} vocab ({dtype})"), flush=True)
-    for tokens, vocab, hidden in shapes_head:
-        res = run_head(tokens, vocab, hidden, dtype, device, args.repeats)
-        print(table(res, f"TP=1, output layer + loss: {tokens} tokens x hidden {hidden} -> {vocab} vocab "
-                         f"({dtype}); rows without 'fused' materialise the logits"), flush=True)
-    for tokens, vocab in shapes_tp2:
-        res = run_tp(2, tokens, vocab, dtype, args.repeats, args.threads)
-        print(table(res, f"TP=2 (gloo, rank 0 holds {vocab // 2}), {tokens} tokens x {vocab} vocab ({dtype})"),
-              flush=True)
-
+    for dtype in (getattr(torch, name) for name in args.dtype):
+        for tokens, vocab in shapes_tp1:
+            res = run_shape(tokens, vocab, dtype, device, args.repeats)
+            print(table(res, f"TP=1, {tokens} tokens x {vocab} vocab ({dtype})"), flush=True)
+        for tokens, vocab, hidden in shapes_head:
+            res = run_head(tokens, vocab, hidden, dtype, device, args.repeats)
+            print(table(res, f"TP=1, output layer + loss: {tokens} tokens x hidden {hidden} -> {vocab} vocab "
+                             f"({dtype}); rows without 'fused' materialise the logits"), flush=True)
+        for tokens, vocab in shapes_tp2:
+            res = run_tp(2, tokens, vocab, dtype, args.repeats, args.threads)
+            print(table(res, f"TP=2 (gloo, rank 0 holds {vocab // 2}), {tokens} tokens x {vocab} vocab "
+                             f"({dtype})"), flush=True)
 
 if __name__ == "__main__":
     main()
