@@ -231,3 +231,35 @@ class PacedForwardStep:
         sums = sums.float()
         return StepTotals(weight_sum=sums[0], weight_square_sum=sums[1], sequences=sums[2], with_tokens=sums[3],
                           per_bin=sums[4:], shares=len(batches) * dp)
+
+
+class TopKTeacherStep(PacedForwardStep):
+    """The Paced step for a student-only model whose teacher is outside the job (nemo_paced.teacher): each
+    micro-batch carries the teacher's top-k, `teacher_ids` / `teacher_logprobs` `[b, s, k]` (from the
+    teacher cache or the teacher service), and the loss is `topk_kl` on the student's vocabulary-parallel
+    logits; with `estimator="sampled"` (reverse KL on the student's own samples) it is the sampled-token
+    estimator on `teacher_token_logprobs` `[b, s]` instead. The model is the plain GPT student: no
+    DistillationProvider, no teacher weights; weighting and normalisation are the parent's."""
+
+    def __init__(self, direction: str = "forward", estimator: str = "topk", temperature: float = 1.0,
+                 tail: str = "bucket", chunk_size: int | None = None, **options: Any):
+        super().__init__(**options)
+        if estimator not in ("topk", "sampled") or (estimator == "sampled" and direction != "reverse"):
+            raise ValueError(f"estimator must be topk, or sampled with direction reverse; got {estimator!r} "
+                             f"with {direction!r}")
+        self.direction, self.estimator, self.temperature = direction, estimator, temperature
+        self.tail, self.chunk_size = tail, chunk_size
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, Any]):
+        return model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))  # logits [b, s, V/TP]
+
+    def _per_token(self, model: torch.nn.Module, batch: dict[str, Any], output_tensor: torch.Tensor) -> torch.Tensor:
+        from nemo_paced.loss import sampled_reverse_kl, topk_kl
+
+        sharded = parallel_state.get_tensor_model_parallel_world_size() > 1
+        group = parallel_state.get_tensor_model_parallel_group() if sharded else None
+        if self.estimator == "sampled":
+            return sampled_reverse_kl(output_tensor, batch["labels"], batch["teacher_token_logprobs"],
+                                      temperature=self.temperature, tp_group=group, chunk_size=self.chunk_size)
+        return topk_kl(output_tensor, batch["teacher_ids"], batch["teacher_logprobs"], direction=self.direction,
+                       temperature=self.temperature, tp_group=group, tail=self.tail, chunk_size=self.chunk_size)
