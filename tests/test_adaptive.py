@@ -160,12 +160,29 @@ def test_service_runs_adaptive_jobs_and_reports_rollouts_spent_and_saved(tmp_pat
     assert len(left) == second.left_out and all(before[i].successes in (0, before[i].trials) for i in left)
     assert second.rollouts == sum(service.table[i].trials for i in before if i not in left)
     assert second.saved == 120 * 8 - second.rollouts > first.saved  # leaving problems out saves more
-    assert table_prior(service.table, config.adaptive)[0] < 1  # the pool is U-shaped
+    assert table_prior(service.table, config.adaptive)()[0] < 1  # the pool is U-shaped
 
     again = RolloutService(ToyEngine(), problems, resolve("exact"), tmp_path / "again", config)
     run_job(again)
     assert [(r.successes, r.trials) for r in again.table.records()] == \
         [(before[r.problem_id].successes, before[r.problem_id].trials) for r in again.table.records()]
+
+
+def test_job_prior_moves_from_the_last_refresh_to_this_jobs_first_rounds():
+    """Between refreshes the pool polarises: once min_fit problems had their first round, the prior
+    is fitted to those counts, and only the first round of each problem is observed."""
+    from nemo_paced.rollout.adaptive import JobPrior
+
+    rng = np.random.default_rng(1)
+    p = {f"q{i}": v for i, v in enumerate(rng.beta(4, 0.3, 400))}  # mostly mastered now
+    prior = JobPrior(fallback=(2.0, 2.0), min_fit=64)
+    config = AdaptiveConfig(first=4, step=4, max_k=16, tolerance=0.05)
+    ids = list(p)
+    estimate(ids[:32], Coins(p), config, prior)
+    assert prior() == (2.0, 2.0) and len(prior.trials) == 32 and set(prior.trials) == {4}
+    estimate(ids[32:], Coins(p, seed=1), config, prior)
+    a, b = prior()
+    assert len(prior.trials) == 400 and a / (a + b) > 0.85  # the job's own pool, not the fallback
 
 
 def test_bad_settings_are_refused():

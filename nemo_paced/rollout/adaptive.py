@@ -5,8 +5,8 @@ Two rules replace "K rollouts for every problem at every refresh":
 1. Sequential K. Every problem first gets `first` rollouts; while the posterior standard deviation
    of its weight w(p) = p^α(1−p)^β is above `tolerance`, it gets `step` more, up to `max_k`. The
    posterior is Beta(a + successes, b + failures), with the prior Beta(a, b) fitted to the pool
-   by moments (empirical Bayes: `fit_prior`), so a problem that starts 4/4 in a pool where most
-   problems are solved is believed mastered sooner than under a flat prior.
+   by moments (empirical Bayes: `fit_prior`, on the job's first rounds: `JobPrior`), so a problem
+   that starts 4/4 in a pool where most problems are solved is believed mastered sooner.
 2. Re-checks. A problem whose current estimate is confidently at p ≈ 0 or 1 (every rollout failed,
    or every one passed, and the posterior mean of w is below `confident` × the kernel's peak) keeps
    its estimate at a refresh, and is estimated again only with probability `recheck`, so none is
@@ -33,8 +33,8 @@ from nemo_paced.passrates import Outcome, PassRateTable
 class AdaptiveConfig:
     first: int = 4  # rollouts every estimated problem gets
     step: int = 4  # rollouts added per round to a problem whose weight is still uncertain
-    max_k: int = 16  # most rollouts per problem per refresh
-    tolerance: float = 0.03  # stop once the posterior standard deviation of w(p) is at most this
+    max_k: int = 12  # most rollouts per problem per refresh
+    tolerance: float = 0.04  # stop once the posterior standard deviation of w(p) is at most this
     recheck: float = 0.25  # probability that a confidently mastered/hopeless problem is re-estimated
     confident: float = 0.25  # "confident" extreme: posterior mean of w below this share of the kernel peak
     alpha: float = 1.0  # the kernel w(p) = p^alpha (1-p)^beta the tolerance is about
@@ -122,19 +122,43 @@ def select(ids: Sequence[str], table: PassRateTable, config: AdaptiveConfig,
 Draw = Callable[[Sequence[str], int], Sequence[tuple[int, int]]]
 
 
+class JobPrior:
+    """The prior of one estimation job. The pool's pass rates move between refreshes (they polarise
+    as the student learns), so once `min_fit` problems have had their first round in this job, the
+    prior is fitted to those first-round counts; before that, it is the last refresh's (`fallback`)."""
+
+    def __init__(self, fallback: tuple[float, float], min_fit: int = 32) -> None:
+        self.fallback, self.min_fit = fallback, min_fit
+        self.successes: list[float] = []
+        self.trials: list[float] = []
+
+    def observe(self, counts: Sequence[tuple[int, int]]) -> None:
+        for s, t in counts:
+            self.successes.append(s)
+            self.trials.append(t)
+
+    def __call__(self) -> tuple[float, float]:
+        if len(self.successes) < self.min_fit:
+            return self.fallback
+        return fit_prior(self.successes, self.trials, self.min_fit)
+
+
 def estimate(ids: Sequence[str], draw: Draw, config: AdaptiveConfig,
-             prior: tuple[float, float] = (1.0, 1.0)) -> list[Outcome]:
+             prior: tuple[float, float] | JobPrior = (1.0, 1.0)) -> list[Outcome]:
     """Sequential K for `ids`: `first` rollouts each, then `step` more for every problem whose
     posterior standard deviation of w is above the tolerance, until none is or `max_k` is reached.
-    One Outcome per id with all its rollouts, in `ids` order."""
+    One Outcome per id with all its rollouts, in `ids` order. A `JobPrior` sees the first round."""
     counts = {i: [0, 0] for i in ids}
     pending, n = list(ids), config.first
     while pending:
-        for i, (s, t) in zip(pending, draw(pending, n)):
+        drawn = draw(pending, n)
+        if isinstance(prior, JobPrior) and n == config.first and counts[pending[0]][1] == 0:
+            prior.observe(drawn)
+        for i, (s, t) in zip(pending, drawn):
             counts[i][0] += s
             counts[i][1] += t
         s, t = np.array([counts[i] for i in pending], float).T
-        _, sd = posterior_weight(s, t, prior, config.alpha, config.beta)
+        _, sd = posterior_weight(s, t, prior() if isinstance(prior, JobPrior) else prior, config.alpha, config.beta)
         pending = [i for i, trials, spread in zip(pending, t, sd)
                    if trials < config.max_k and spread > config.tolerance]
         if pending:
@@ -142,13 +166,14 @@ def estimate(ids: Sequence[str], draw: Draw, config: AdaptiveConfig,
     return [Outcome(i, *counts[i]) for i in ids]
 
 
-def table_prior(table: PassRateTable, config: AdaptiveConfig) -> tuple[float, float]:
-    """The prior for a refresh: fitted to the table's current estimates (the last refresh)."""
+def table_prior(table: PassRateTable, config: AdaptiveConfig) -> JobPrior:
+    """The prior for a refresh: fitted to the table's current estimates (the last refresh) until the
+    job's own first rounds take over."""
     successes, trials, _ = table.counts([r.problem_id for r in table.records()])
-    return fit_prior(successes, trials, config.min_fit)
+    return JobPrior(fit_prior(successes, trials, config.min_fit), config.min_fit)
 
 
-def estimate_batch(ids: Sequence[str], rollout_fn, config: AdaptiveConfig, prior: tuple[float, float],
+def estimate_batch(ids: Sequence[str], rollout_fn, config: AdaptiveConfig, prior: tuple[float, float] | JobPrior,
                    attempts: int = 3) -> tuple[list[Outcome], str, int | None]:
     """`estimate` on an engine: rollout_fn(ids, n, round) -> (ProblemRollouts list, step) draws n
     graded rollouts per id (round numbers the calls, for seeds that differ between rounds).
