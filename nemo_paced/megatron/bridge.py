@@ -21,6 +21,7 @@ this module only where Bridge is installed. The pieces, as a recipe assembles th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -227,13 +228,28 @@ def export_student(context: CallbackContext, partial: Path, final: Path) -> Path
         prepare(partial)
     dist.barrier()
     bridge = AutoBridge.from_hf_pretrained(context.state.cfg.dataset.student)
-    with unwrap_model(context.model[0]).hide_teacher_model():  # export the student alone
-        bridge.save_hf_pretrained(context.model, partial, show_progress=False)
+    with unwrap_model(context.model[0]).hide_teacher_model(), _teacher_config_kept(context.state.cfg.model):
+        bridge.save_hf_pretrained(context.model, partial, show_progress=False)  # the student alone
     dist.barrier()
     if dist.get_rank() == 0:
         publish(partial, final)
     dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _teacher_config_kept(provider):
+    """Bridge's export strips callables from a copy of the model config (param_mapping.py:1759 ->
+    conversion/utils.py:274), and the distillation provider mirrors those writes onto the teacher's
+    config (distillation_provider.py:159), which the live teacher model uses: its activation_func became
+    None and the next step's teacher forward failed. Put the teacher's fields back afterwards."""
+    teacher = getattr(provider, "teacher", None)
+    saved = dict(vars(teacher)) if teacher is not None else None
+    try:
+        yield
+    finally:
+        if teacher is not None:
+            vars(teacher).update(saved)
 
 
 def _sync_params(context: CallbackContext) -> None:
