@@ -7,7 +7,10 @@ curriculum pretrained with a share (`hint_fraction`) of its sequences showing th
 without it it must compute. The self-teacher is that model with the answer in its prompt; the
 student is the same model on the bare question, trained with reverse KL on its own samples.
 
-Methods (reverse KL only, the self-teacher at the student's current weights unless configured):
+Methods (reverse KL only; the self-teacher is the frozen starting student with the answer in its
+prompt, `teacher_weights="initial"`: with the current weights the demo's tiny student collapsed, its
+loss falling to 0 as its outputs stopped depending on the prompt and every pass rate reaching 0 within
+30 steps, a fixed point a moving self-teacher allows and a frozen one does not):
   self_paced     PACED weights w = p(1-p) on the loss
   self_uniform   unweighted reverse KL
   self_filter    hard filter 0.2 < p < 0.8
@@ -47,7 +50,7 @@ CHAIN_TEMPLATE = "{context}={question}"
 @dataclass(frozen=True)
 class SelfDistillationConfig:
     hint_fraction: float = 0.5  # pretraining sequences that show the answer before the question
-    teacher_weights: str = "current"  # or "initial"
+    teacher_weights: str = "initial"  # or "current" (see the module docstring)
     methods: tuple[str, ...] = SELF_METHODS
 
     def __post_init__(self) -> None:
