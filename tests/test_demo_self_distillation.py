@@ -36,10 +36,10 @@ def test_the_student_uses_privileged_context(tmp_path):
     config = TINY
     path = instruction_tuned_student(config, SelfDistillationConfig(), tmp_path / "cache")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    problems = [config.task.make([9, 0, 7, 2]), config.task.make([1, 8, 3, 6])]  # level 3: the hardest
-    bare = sum(_answer_logprob(model, tokenizer, p.prompt, p.answer) for p in problems)
-    hinted = sum(_answer_logprob(model, tokenizer, f"{p.answer}={p.prompt}", p.answer) for p in problems)
-    assert hinted > bare + 1.0  # the answer in front makes it far more likely
+    problems = config.task.generate(3, 20, seed=9)  # level 3, the hardest
+    bare = sum(_answer_logprob(model, tokenizer, p.prompt, p.answer) for p in problems) / len(problems)
+    hinted = sum(_answer_logprob(model, tokenizer, f"{p.answer}={p.prompt}", p.answer) for p in problems) / len(problems)
+    assert hinted > bare + 0.2, (hinted, bare)  # the answer in front makes it more likely (nats per answer)
     assert instruction_tuned_student(config, SelfDistillationConfig(), tmp_path / "cache") == path  # cached
 
 
