@@ -190,3 +190,22 @@ def test_cached_batches_put_the_teacher_rows_on_the_positions_that_predict_the_r
                 np.testing.assert_allclose(batch["teacher_logprobs"][b, t].numpy(), top.values.numpy(), atol=2e-3)
             masked = batch["loss_mask"][b] == 0  # padding rows: distinct ids, finite log-probs
             assert (batch["teacher_ids"][b][masked] == torch.arange(K)).all()
+
+
+def test_a_cache_scored_through_the_teacher_service_equals_one_scored_in_process(workspace, tmp_path):
+    from teacher_toys import TeacherServer
+
+    root, _ = workspace
+    server = TeacherServer(root / "teacher", tmp_path, "--max-sequences", "2")
+    try:
+        cache_command(root, tmp_path / "served", "--service", str(server.address))
+    finally:
+        server.stop()
+    cache_command(root, tmp_path / "local")
+    served, local = TeacherCache(tmp_path / "served"), TeacherCache(tmp_path / "local")
+    assert served.index["teacher"]["engine"] == "service:hf" and served.problem_ids == local.problem_ids
+    batches, _ = references(root)
+    for item in reference_items(batches):
+        a = served.lookup(item.problem_id, item.ref, item.tokens, item.start)
+        b = local.lookup(item.problem_id, item.ref, item.tokens, item.start)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -78,11 +78,12 @@ def exit_status(error: BaseException) -> int | None:
     from nemo_paced.references import ReferenceFileError
     from nemo_paced.rollout.client import RequestRejected
     from nemo_paced.rollout.settings import SettingsChanged
+    from nemo_paced.teacher.cache import CacheError
     from nemo_paced.train.local import RunMismatch
     from recipes import UnknownRecipe
 
     own = (SequenceTooLong, OverrideError, PassRateFileError, ProblemFormatError, ReferenceFileError,
-           RequestRejected, RunMismatch, SettingsChanged, UnknownRecipe)
+           RequestRejected, RunMismatch, SettingsChanged, UnknownRecipe, CacheError)
     return 2 if isinstance(error, own) else None
 
 

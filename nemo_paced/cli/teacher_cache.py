@@ -85,9 +85,8 @@ def teacher_cache_command(args: argparse.Namespace) -> int:
         scorer = TeacherClient.connect(args.service)
         info = scorer.info
         if info["tokenizer"] != fingerprint:
-            print(f"nemo-paced teacher-cache: the service's tokenizer ({info['tokenizer']}) is not --teacher's "
-                  f"({fingerprint}): its ids would not mean the same tokens", file=sys.stderr)
-            return 2
+            raise CacheError(f"the teacher service's tokenizer ({info['tokenizer']}) is not --teacher's "
+                             f"({fingerprint}): its ids would not mean the same tokens")
         teacher = {"model": info["model"], "engine": f"service:{info['engine']}", "vocab_size": info["vocab_size"],
                    "tokenizer": fingerprint}
     else:
@@ -103,9 +102,6 @@ def teacher_cache_command(args: argparse.Namespace) -> int:
     try:
         summary = build_cache(scorer.score, teacher, items, weights, args.out, config,
                               settings={"template": args.template}, passrates=passrates, progress=progress)
-    except CacheError as e:
-        print(f"nemo-paced teacher-cache: {e}", file=sys.stderr)
-        return 2
     finally:
         scorer.close()
     print(f"{args.out}: {summary.report()}; {config.bytes_per_token} bytes per cached token")
