@@ -165,3 +165,17 @@ def test_a_token_is_required_off_loopback_and_checked_on_every_request(teacher, 
         assert "s3cret" not in srv.address.read_text()
     finally:
         srv.stop()
+
+
+def test_the_client_splits_requests_to_the_services_row_and_byte_bounds():
+    import json
+
+    from nemo_paced.teacher.client import pack
+
+    rows = [{"tokens": list(range(n)), "start": 1} for n in (2, 300, 5, 5, 5, 700, 3)]
+    parts = pack(rows, max_rows=3, max_bytes=1200)
+    assert [row for part in parts for row in part] == rows  # every row, in order
+    for part in parts:
+        assert len(part) <= 3
+        assert len(part) == 1 or len(json.dumps({"k": 64, "sequences": part})) <= 1200
+    assert [len(p) for p in parts] == [1, 1, 3, 1, 1]  # 300 and 700 tokens are over the bound alone: sent alone

@@ -3,7 +3,7 @@
     teacher = TeacherClient.connect("runs/x/teacher.addr")     # an address file, or "http://host:port"
     topk = teacher.score([prompt + response], [len(prompt)], k=64)[0]   # TopK over the response tokens
 
-Large requests are split to the service's --max-sequences. Refused connections and 502/503/504
+Large requests are split to the service's --max-sequences and --max-request-bytes. Refused connections and 502/503/504
 (503 is also the service's "queue full") are retried with exponential backoff; scoring is idempotent,
 so a request that may have reached the service is retried too. A client made from an address file
 re-reads it after a refused connection, following a service restarted on another port.
@@ -11,6 +11,7 @@ re-reads it after a refused connection, following a service restarted on another
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -107,14 +108,29 @@ class TeacherClient:
         """TopK over tokens[start:] of every sequence (see nemo_paced.teacher.engines)."""
         if len(sequences) != len(starts):
             raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
-        per_call = int(self.info.get("max_sequences", len(sequences))) or 1
+        rows = [{"tokens": [int(t) for t in tokens], "start": int(start)} for tokens, start in zip(sequences, starts)]
         results: list[TopK] = []
-        for first in range(0, len(sequences), per_call):
-            body = {"k": k, "sequences": [{"tokens": [int(t) for t in tokens], "start": int(start)}
-                                          for tokens, start in zip(sequences[first:first + per_call],
-                                                                   starts[first:first + per_call])]}
-            results += [TopK.from_json(row) for row in self._call("POST", "/score", body)["results"]]
+        for part in pack(rows, int(self.info.get("max_sequences", len(rows))),
+                         int(self.info.get("max_request_bytes", 1 << 62))):
+            results += [TopK.from_json(row) for row in self._call("POST", "/score", {"k": k, "sequences": part})["results"]]
         return results
+
+
+def pack(rows: list[dict[str, Any]], max_rows: int, max_bytes: int) -> list[list[dict[str, Any]]]:
+    """Split request rows, in order, into parts of at most `max_rows` rows whose JSON body stays under
+    `max_bytes` (the service's --max-sequences and --max-request-bytes). A row too big on its own goes
+    alone, for the service to refuse by name."""
+    parts: list[list[dict[str, Any]]] = []
+    size = 0
+    budget = max_bytes - 64  # {"k": ..., "sequences": [...]} around the rows
+    for row in rows:
+        row_bytes = len(json.dumps(row)) + 2
+        if not parts or len(parts[-1]) >= max(1, max_rows) or size + row_bytes > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(row)
+        size += row_bytes
+    return parts
 
 
 def _detail(response: httpx.Response) -> str:

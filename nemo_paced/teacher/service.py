@@ -181,6 +181,7 @@ class TeacherService:
         return {"status": "ok", "engine": self.scorer.name, "model": self.scorer.model,
                 "vocab_size": self.scorer.vocab_size, "tokenizer": self.fingerprint, "max_k": self.config.max_k,
                 "max_tokens": self.config.max_tokens, "max_sequences": self.config.max_sequences,
+                "max_request_bytes": self.config.max_request_bytes,
                 "pending": self._queue.qsize()}
 
     def metrics(self) -> str:
