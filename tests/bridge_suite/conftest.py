@@ -40,7 +40,7 @@ TESTS = SUITE.parent
 PAIR = "qwen3_8b_to_1p7b"
 # Shrink a recipe to the tiny models while keeping its code path (vocabulary, layout, checkpoints, signals).
 TINY = ["train.train_iters=4", "train.global_batch_size=4", "model.seq_length=32", "dataset.seq_length=32",
-        "dataset.template=raw", "dataset.refresh_every=2", "dataset.max_response_tokens=6",
+        "dataset.template=raw", "dataset.refresh_every=2", "dataset.max_response_tokens=4",
         "checkpoint.save_interval=2", "optimizer.lr=1e-3", "optimizer.min_lr=1e-3"]
 STAGE_TIMEOUT = 420
 
