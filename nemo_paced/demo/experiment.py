@@ -282,11 +282,13 @@ def run_method(setting: Setting, method: str, seed: int, out: Path, progress: bo
 
     evals = result["history"]["evals"]
     curve = [compute(e["step"]) for e in evals]
-    return {"result": result, "final": final, "compute": compute(config.steps),
-            "curve": {"steps": [e["step"] for e in evals], "accuracy": [e["accuracy"] for e in evals],
-                      "training_tokens": [c["training_tokens"] for c in curve],
-                      "total_flops": [c["total_flops"] for c in curve]},
-            "seconds": time.perf_counter() - started}
+    run = {"result": result, "final": final, "compute": compute(config.steps),
+           "curve": {"steps": [e["step"] for e in evals], "accuracy": [e["accuracy"] for e in evals],
+                     "training_tokens": [c["training_tokens"] for c in curve],
+                     "total_flops": [c["total_flops"] for c in curve]},
+           "seconds": time.perf_counter() - started}
+    atomic_write_json(run_dir / "demo_run.json", run)  # the run's evaluation and compute, kept beside it
+    return run
 
 
 def run_all(setting: Setting, jobs: Sequence[tuple[str, int, dict[int, Path] | None]], out: Path,
