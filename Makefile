@@ -56,7 +56,8 @@ test-vllm: $(VLLM_VENV)/.installed
 # container (requirements/bridge.txt, a lock; 5.7 GB). nemo-paced goes in with containers/install.sh,
 # which must change nothing already there, and the suite runs on that installed copy.
 BRIDGE_VENV := .venv-bridge
-PYTHON312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
+PYENV_ROOT ?= $(or $(shell pyenv root 2>/dev/null),$(HOME)/.pyenv)
+PYTHON312 ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12) $(shell command -v python3.12))
 $(BRIDGE_VENV)/.installed: requirements/bridge.txt
 	@test -n "$(PYTHON312)" || { echo "test-bridge needs Python 3.12 (pyenv's versions/3.12*, or PYTHON312=...)" >&2; exit 1; }
 	@test -x $(BRIDGE_VENV)/bin/python || $(PYTHON312) -m venv $(BRIDGE_VENV)

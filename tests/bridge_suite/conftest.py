@@ -171,7 +171,8 @@ def shimmed_python(code: str, timeout: float = 300) -> str:
     returns its stdout, raising with its stderr on failure."""
     prelude = "import shims\nshims.apply()\n"
     out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONPATH": _pythonpath(), "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "PYTHONPATH": _pythonpath(), "HF_HUB_OFFLINE": "1"},
+                         cwd=SUITE)  # not the repository root, which would shadow the installed copy
     if out.returncode:
         raise AssertionError(f"exit {out.returncode}:\n{out.stderr[-6000:]}")
     return out.stdout

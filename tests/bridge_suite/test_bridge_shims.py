@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,5 +37,5 @@ assert torch.equal(a, torch.rand(3))
 print('ok')
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": _pythonpath()})
+                         env={**os.environ, "PYTHONPATH": _pythonpath()}, cwd=Path(__file__).parent)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
