@@ -12,7 +12,7 @@ from nemo_paced.demo.self_distillation import (SELF_METHODS, SelfDistillationCon
 from nemo_paced.tasks import ChainTask
 from nemo_paced.tiny_models import PretrainConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # pretrains three tiny models, trains three runs
 
 TINY = replace(QUICK, task=ChainTask(max_level=3),
                teacher_pretrain=PretrainConfig(steps=100, level_weights={1: 1.0, 2: 1.0, 3: 1.0}, seed=1),
@@ -30,22 +30,27 @@ def _answer_logprob(model, tokenizer, prompt: str, answer: str) -> float:
     return logp[torch.arange(start, len(targets)), targets[start:]].sum().item()
 
 
-def test_the_student_uses_privileged_context(tmp_path):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_the_student_uses_privileged_context(cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = TINY
-    path = instruction_tuned_student(config, SelfDistillationConfig(), tmp_path / "cache")
+    path = instruction_tuned_student(config, SelfDistillationConfig(), cache)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     problems = config.task.generate(3, 20, seed=9)  # level 3, the hardest
     bare = sum(_answer_logprob(model, tokenizer, p.prompt, p.answer) for p in problems) / len(problems)
     hinted = sum(_answer_logprob(model, tokenizer, f"{p.answer}={p.prompt}", p.answer) for p in problems) / len(problems)
     assert hinted > bare + 0.2, (hinted, bare)  # the answer in front makes it more likely (nats per answer)
-    assert instruction_tuned_student(config, SelfDistillationConfig(), tmp_path / "cache") == path  # cached
+    assert instruction_tuned_student(config, SelfDistillationConfig(), cache) == path  # cached
 
 
-def test_comparison_runs_every_method_on_the_same_budget(tmp_path):
+def test_comparison_runs_every_method_on_the_same_budget(cache, tmp_path):
     config = TINY
-    comparison = run_self_distillation(config, tmp_path / "out", tmp_path / "cache", progress=False,
+    comparison = run_self_distillation(config, tmp_path / "out", cache, progress=False,
                                        say=lambda _: None)
     assert [(r["method"], r["seed"]) for r in comparison["rows"]] == [(m, 0) for m in SELF_METHODS]
     budget = comparison["setting"].tokens_per_step
