@@ -150,9 +150,11 @@ def test_on_policy_batches_carry_the_self_teacher_rows(setup, tmp_path):
             problem = by_id[problem_id]
             privileged = f"{problem.answer}={problem.prompt}"
             assert tokenizer.decode(batch["teacher_tokens"][row][: len(privileged)]) == privileged
-            mask = batch["loss_mask"][row] > 0
-            labels = torch.roll(batch["teacher_tokens"][row], -1)[batch["teacher_index"][row]]
-            assert torch.equal(labels[mask], batch["labels"][row][mask])
+            # the teacher row's tokens hold the label of every aligned position but its last one
+            index = batch["teacher_index"][row]
+            mask = (batch["loss_mask"][row] > 0) & (index < seq - 1)
+            labels = torch.roll(batch["teacher_tokens"][row], -1)[index]
+            assert mask.any() and torch.equal(labels[mask], batch["labels"][row][mask])
 
 
 def test_tiny_recipe_and_cli_take_a_self_teacher():
