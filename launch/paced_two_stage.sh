@@ -19,7 +19,7 @@ The chain (one sbatch job each, linked by --dependency):
   finish       stops the rollout service                      (afterany of all the above)
 Self-distillation (--teacher self, self:current or self:initial; docs/self_distillation.md): the
 student is its own teacher, conditioned on each problem's solution or answer. No references job and
-no forward-KL stage:
+no forward-KL stage (chain.env records PACED_SCHEDULE=self, else two-stage, for the job scripts):
   rollouts, estimate0   as above
   self         reverse-KL self-distillation from --student, `train --stage rkl --teacher self..`
                (afterok estimate0); pass rates refreshed by the recipe as in stage2
