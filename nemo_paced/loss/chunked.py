@@ -17,14 +17,17 @@ from torch import Tensor
 
 from nemo_paced.loss.divergences import load_logits
 
-# Auto chunk: about this many elements per fp32 temporary (16 MiB).
-CHUNK_ELEMENTS = 1 << 22
+# Auto chunk: about this many elements per fp32 temporary (32 MiB; at 2 threads on a busy CPU, 16 MiB
+# chunks made the per-op thread barriers cost as much as the arithmetic).
+CHUNK_ELEMENTS = 1 << 23
 
-# chunk_loss(lo, hi, s, work, grad_out, grad_scale) -> per-token values [hi − lo] (fp32).
-# `s` holds the tempered student logits of tokens lo..hi (fp32, −inf clamped), `work` is
-# `[n_work, hi − lo, V_local]` fp32 scratch; when `grad_out` (fp32, possibly `s` itself: write it
-# last) is given, it receives grad_scale · ∂value/∂(tempered logits).
-ChunkLoss = Callable[[int, int, Tensor, Tensor, "Tensor | None", float], Tensor]
+# chunk_loss(lo, hi, buf, grad_out, grad_scale) -> per-token values [hi − lo] (fp32).
+# `buf` is `[1 + n_work, hi − lo, V_local]` fp32: `buf[0]` holds the tempered student logits of
+# tokens lo..hi (−inf clamped), the rest is scratch (one block, so that an op can cover several
+# of them: on a busy CPU every op's thread barrier costs, not only its memory traffic); when
+# `grad_out` (fp32, possibly `buf[0]` itself: write it last) is given, it receives
+# grad_scale · ∂value/∂(tempered logits).
+ChunkLoss = Callable[[int, int, Tensor, "Tensor | None", float], Tensor]
 
 
 def default_chunk_size(v_local: int) -> int:
@@ -58,11 +61,11 @@ def run_chunks(student_chunk: Callable[[int, int], Tensor], n: int, v_local: int
     buffers = torch.empty(1 + n_work, rows, v_local, dtype=torch.float32, device=device)
     for lo in range(0, n, chunk_size):
         hi = min(lo + chunk_size, n)
-        s, work = buffers[0, : hi - lo], buffers[1:, : hi - lo]
-        load_logits(student_chunk(lo, hi), temperature, s)
+        buf = buffers[:, : hi - lo]
+        s = load_logits(student_chunk(lo, hi), temperature, buf[0])
         dest = None if grad_chunk is None else grad_chunk(lo, hi)
         grad_out = dest if dest is None or dest.dtype == torch.float32 else s
-        values[lo:hi] = chunk_loss(lo, hi, s, work, grad_out, 1.0 / temperature)
+        values[lo:hi] = chunk_loss(lo, hi, buf, grad_out, 1.0 / temperature)
         if grad_out is not dest:
             dest.copy_(grad_out)
         if on_grad is not None:
@@ -74,7 +77,8 @@ def scale_rows_(grad: Tensor, scale: Tensor, chunk_size: int) -> Tensor:
     """`grad *= scale[:, None]` in place, `grad` 2-D of any float dtype, `scale` fp32 `[N]`.
 
     For a non-fp32 `grad` each row chunk goes through one fp32 buffer (a mixed-dtype `mul_` is the
-    slow CPU path, and rounding `scale` to bf16 first would add a second rounding error).
+    slow CPU path, and rounding `scale` to bf16 first would add a second rounding error). Callers
+    pass a chunk of 4× the forward's: its four buffers are gone by then, so the peak is unchanged.
     """
     if grad.dtype == torch.float32:
         return grad.mul_(scale[:, None])
@@ -111,7 +115,7 @@ class _ChunkedStudentLoss(torch.autograd.Function):
                                "supports a single backward pass (retain_graph is not supported)")
         ctx.grad = None
         scale = grad_values.reshape(-1).to(torch.float32)
-        scale_rows_(grad.view(-1, grad.shape[-1]), scale, ctx.chunk_size)
+        scale_rows_(grad.view(-1, grad.shape[-1]), scale, 4 * ctx.chunk_size)
         return grad, None, None, None, None
 
 

@@ -92,18 +92,17 @@ def load_logits(x: Tensor, temperature: float, out: Tensor) -> Tensor:
     return out
 
 
-def global_softmax_stats(s: Tensor, t: Tensor, es: Tensor, et: Tensor, comm: Comm) -> Chunk:
-    """Softmax statistics of fp32 logit chunks over the full (sharded) vocabulary.
+def global_softmax_stats(st: Tensor, e: Tensor, comm: Comm) -> Chunk:
+    """Softmax statistics of fp32 student and teacher logit chunks over the full (sharded) vocabulary.
 
-    Two packed all-reduces of per-token scalars: the max, then the sum of exponentials.
+    `st` is `[2, n, V_local]` (student, teacher), `e` receives their exponentials; each step is
+    one op over both. Two packed all-reduces of per-token scalars: the max, then the sum of
+    exponentials.
     """
-    m = comm.max(torch.stack([s.amax(-1), t.amax(-1)]))
-    s.sub_(m[0, :, None])
-    t.sub_(m[1, :, None])
-    torch.exp(s, out=es)
-    torch.exp(t, out=et)
-    log_z = comm.sum(torch.stack([es.sum(-1), et.sum(-1)])).log_()
-    return Chunk(s=s, t=t, es=es, et=et, log_zs=log_z[0], log_zt=log_z[1])
+    st.sub_(comm.max(st.amax(-1))[..., None])
+    torch.exp(st, out=e)
+    log_z = comm.sum(e.sum(-1)).log_()
+    return Chunk(s=st[0], t=st[1], es=e[0], et=e[1], log_zs=log_z[0], log_zt=log_z[1])
 
 
 def shifted_exp(s: Tensor, es: Tensor, comm: Comm) -> Tensor:

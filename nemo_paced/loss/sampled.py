@@ -22,10 +22,10 @@ from nemo_paced.loss.vocab_ids import check_finite_or_neg_inf, check_ids, gather
 def sampled_chunk_loss(ids: Tensor, log_p: Tensor, comm: Comm, offset: int) -> ChunkLoss:
     """The chunk loss for 1-D sampled global ids `[N]` and teacher log-probs of them `[N]`."""
 
-    def chunk_loss(lo: int, hi: int, s: Tensor, work: Tensor, grad_out: Tensor | None,
-                   grad_scale: float) -> Tensor:
+    def chunk_loss(lo: int, hi: int, buf: Tensor, grad_out: Tensor | None, grad_scale: float) -> Tensor:
+        s = buf[0]
         local, mine = owned(ids[lo:hi, None], offset, s.shape[1])
-        es = shifted_exp(s, work[0], comm)
+        es = shifted_exp(s, buf[1], comm)
         sums = comm.sum(torch.cat([gather_owned(s, local, mine), es.sum(-1, keepdim=True)], -1))
         log_z = sums[:, 1].log()
         advantage = (sums[:, 0] - log_z) - log_p[lo:hi].float().clamp(min=NEG_LOGIT)

@@ -83,10 +83,10 @@ def sparse_kl(log_q: Tensor, log_q_tail: Tensor, log_p: Tensor, *, reverse: bool
 def topk_chunk_loss(ids: Tensor, log_p: Tensor, comm: Comm, offset: int, *, reverse: bool,
                     renormalize: bool, has_tail: bool) -> ChunkLoss:
     """The chunk loss of `sparse_kl` for 2-D global ids and teacher log-probs `[N, k]`."""
-    def chunk_loss(lo: int, hi: int, s: Tensor, work: Tensor, grad_out: Tensor | None,
-                   grad_scale: float) -> Tensor:
+    def chunk_loss(lo: int, hi: int, buf: Tensor, grad_out: Tensor | None, grad_scale: float) -> Tensor:
+        s = buf[0]
         local, mine = owned(ids[lo:hi], offset, s.shape[1])
-        es = shifted_exp(s, work[0], comm)
+        es = shifted_exp(s, buf[1], comm)
         s_ids = gather_owned(s, local, mine)
         # the student's mass outside the ids, summed directly: zero es at the owned ids first
         es.scatter_add_(1, local, -gather_owned(es, local, mine))

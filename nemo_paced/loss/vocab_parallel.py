@@ -32,11 +32,9 @@ def dense_chunk_loss(teacher: Tensor, divergence: Divergence, temperature: float
                      comm: Comm) -> ChunkLoss:
     """The chunk loss of a full-vocabulary divergence against 2-D teacher logits `[N, V_local]`."""
 
-    def chunk_loss(lo: int, hi: int, s: Tensor, work: Tensor, grad_out: Tensor | None,
-                   grad_scale: float) -> Tensor:
-        t, es, et = work
-        load_logits(teacher[lo:hi], temperature, t)
-        return divergence(global_softmax_stats(s, t, es, et, comm), comm, grad_out, grad_scale)
+    def chunk_loss(lo: int, hi: int, buf: Tensor, grad_out: Tensor | None, grad_scale: float) -> Tensor:
+        load_logits(teacher[lo:hi], temperature, buf[1])
+        return divergence(global_softmax_stats(buf[0:2], buf[2:4], comm), comm, grad_out, grad_scale)
 
     return chunk_loss
 
