@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(< 3 min on 2 cores)")
     parser.add_argument("--study", action="store_true",
                         help="the dose-response study (three starting students, ~15/50/80%% of the pool at "
-                             "p in {0,1}; about 45 min on 2 cores); writes OUT/study/report.json")
+                             "p in {0,1}; about 6 CPU-minutes); writes OUT/study/report.json")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/nemo-paced"),
                         help="where pretrained tiny models are kept, keyed by their settings "
