@@ -16,34 +16,19 @@ and, when the service is down, returns the last good copy and logs how stale it 
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import httpx
-
 from nemo_paced.passrates import PassRateTable
 from nemo_paced.rollout import TOKEN_ENV
 from nemo_paced.rollout.estimate import ProblemRollouts
+from nemo_paced.service_client import RequestRejected, ServiceClient, ServiceUnavailable
 
 log = logging.getLogger(__name__)
-RETRY_STATUS = {502, 503, 504}
-
-
-class ServiceUnavailable(ConnectionError):
-    """The service could not be reached (after retries) or answered with a server error."""
-
-
-class RequestRejected(ValueError):
-    """The service refused a request (4xx); the message carries its explanation, naming the field."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+__all__ = ["JobFailed", "OnPolicyBatch", "RequestRejected", "RolloutClient", "ServiceUnavailable"]
 
 
 class JobFailed(RuntimeError):
@@ -60,107 +45,19 @@ class OnPolicyBatch:
     problems: list[ProblemRollouts]
 
 
-def read_address(path: str | Path) -> tuple[str, str | None]:
-    """(url, token) from an address file written by `nemo-paced serve-rollouts --address-file`."""
-    address = json.loads(Path(path).read_text(encoding="utf-8"))
-    token = None
-    if address.get("token_file"):
-        token = Path(address["token_file"]).read_text(encoding="utf-8").strip()
-    elif address.get("token_env"):
-        token = os.environ.get(address["token_env"])
-        if token is None:
-            raise ValueError(f"{path}: the service wants a token from ${address['token_env']}, which is not set")
-    return address["url"], token
+class RolloutClient(ServiceClient):
+    service_name = "rollout service"
+    token_env = TOKEN_ENV
 
-
-class RolloutClient:
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0, sample_timeout: float = 3600.0,
                  retries: int = 4, backoff: float = 0.5, address_file: str | Path | None = None) -> None:
         """`timeout` bounds quick calls; `sample_timeout` bounds /sample (generation) and /weights."""
-        self.timeout, self.sample_timeout = timeout, sample_timeout
-        self.retries, self.backoff = retries, backoff
-        self.address_file = address_file
-        self._open(url, token)
+        super().__init__(url, token, timeout=timeout, retries=retries, backoff=backoff, address_file=address_file)
+        self.sample_timeout = sample_timeout
         self.table = PassRateTable()
         self.last_refresh: float | None = None
 
-    def _open(self, url: str, token: str | None) -> None:
-        self.url, self._token = url.rstrip("/"), token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout)
-
-    def _follow_address(self) -> None:
-        """After a refused connection: if the address file now names another URL, switch to it."""
-        if self.address_file is None:
-            return
-        try:
-            url, token = read_address(self.address_file)
-        except (OSError, ValueError, KeyError):
-            return  # not rewritten yet
-        if url.rstrip("/") != self.url:
-            log.info("rollout service moved from %s to %s", self.url, url)
-            self._http.close()
-            self._open(url, token or self._token)
-
-    @classmethod
-    def connect(cls, service: str | Path, token: str | None = None, **options: Any) -> "RolloutClient":
-        """From a URL or an address file; the token defaults to the address file's, then $NEMO_PACED_ROLLOUT_TOKEN."""
-        if str(service).startswith(("http://", "https://")):
-            return cls(str(service), token or os.environ.get(TOKEN_ENV), **options)
-        url, file_token = read_address(service)
-        return cls(url, token or file_token or os.environ.get(TOKEN_ENV), address_file=service, **options)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> "RolloutClient":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # --- transport ----------------------------------------------------------------------------
-
-    def _call(self, method: str, path: str, *, json_body: Any = None, params: dict | None = None,
-              timeout: float | None = None, retry_sent: bool = True) -> httpx.Response:
-        """One request with retries. A request that may have reached the service is retried only when
-        `retry_sent` (it is idempotent); a refused connection is always retried."""
-        error: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(self.backoff * 2 ** (attempt - 1), 30.0))
-            try:
-                response = self._http.request(method, path, json=json_body, params=params,
-                                              timeout=timeout or self.timeout)
-            except httpx.ConnectError as e:
-                error = e
-                self._follow_address()
-                continue
-            except httpx.TransportError as e:
-                error = e
-                if retry_sent:
-                    continue
-                break
-            if response.status_code in RETRY_STATUS and retry_sent:
-                error = ServiceUnavailable(f"{method} {path}: HTTP {response.status_code}")
-                continue
-            if response.status_code >= 500:
-                raise ServiceUnavailable(f"rollout service at {self.url}: {method} {path} failed with HTTP "
-                                         f"{response.status_code}: {_detail(response)}")
-            if response.status_code >= 400:
-                raise RequestRejected(response.status_code, f"rollout service at {self.url} refused {method} {path} "
-                                                            f"(HTTP {response.status_code}): {_detail(response)}")
-            return response
-        raise ServiceUnavailable(f"cannot reach the rollout service at {self.url} ({method} {path}, "
-                                 f"{attempt + 1} attempt(s)): {type(error).__name__}: {error}")
-
     # --- API ----------------------------------------------------------------------------------
-
-    def health(self) -> dict[str, Any]:
-        return self._call("GET", "/health").json()
-
-    def metrics(self) -> str:
-        return self._call("GET", "/metrics").text
 
     def estimate(self, ids: Sequence[str] | None = None, k: int | None = None) -> str:
         """Queue an estimation of `ids` (None: every problem) at the current weights; returns the job id."""
@@ -241,16 +138,6 @@ class RolloutClient:
         """Load a checkpoint directory (a path on the service's machine, Hugging Face format)."""
         return self._call("POST", "/weights", json_body={"path": str(path), "step": step},
                           timeout=self.sample_timeout).json()
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        detail = response.json().get("detail", response.text)
-    except ValueError:
-        return response.text[:500]
-    if isinstance(detail, list):  # FastAPI validation errors: name each field
-        return "; ".join(f"field '{'.'.join(str(p) for p in d.get('loc', [])[1:])}': {d.get('msg')}" for d in detail)
-    return str(detail)
 
 
 def _age(seconds: float) -> str:
