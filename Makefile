@@ -24,7 +24,7 @@ test: setup
 demo: setup
 	$(BIN)/nemo-paced demo --out runs/demo
 
-# The SLURM launch tests alone (they also run in `make test`): root and apt, about 3 minutes once installed.
+# The SLURM launch tests alone (they also run in `make test`): root and apt, about 6 minutes once installed.
 test-slurm: setup
 	$(BIN)/python -m pytest -m slurm
 
