@@ -14,6 +14,7 @@ which the clients turn into "field 'k': ...".
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -21,11 +22,11 @@ import math
 import os
 import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 class RequestError(ValueError):
@@ -162,6 +163,51 @@ def create_api(title: str, lifespan=None) -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": detail})
 
     return app
+
+
+class Service(Protocol):
+    """What `create_service_api` needs of a service: a worker to start and stop, its health and metrics,
+    a request counter, and a config holding its bearer token and body bound."""
+
+    requests: int
+    config: Any  # .token, .max_request_bytes
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def health(self) -> dict[str, Any]: ...
+    def metrics(self) -> str: ...
+
+
+def create_service_api(title: str, service: Service,
+                       on_shutdown: Callable[[], None] | None = None) -> tuple[FastAPI, Guard]:
+    """`create_api` for a service: its lifespan starts the service's worker and, after it stops, runs
+    `on_shutdown` (the place to release engines: uvicorn re-raises SIGTERM afterwards, so no later code
+    runs); GET /health and /metrics answer from the service. Returns the app, for the service's own
+    routes, and the `Guard` around it (auth, body bound, request counter), which is what to serve.
+    Handlers are plain functions: FastAPI runs them on its thread pool, so a long request does not
+    block /health."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        yield
+        service.stop()
+        if on_shutdown is not None:
+            on_shutdown()
+
+    app = create_api(title, lifespan)
+
+    @app.get("/health")
+    def health():
+        return service.health()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics():
+        return service.metrics()
+
+    def count():
+        service.requests += 1  # approximate under concurrency; a metric, not an invariant
+
+    return app, Guard(app, service.config.token, service.config.max_request_bytes, count)
 
 
 # --- the network side ---------------------------------------------------------------------------

@@ -31,7 +31,6 @@ other path gets one message, whether or not it exists.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -45,7 +44,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from fastapi import Query
-from fastapi.responses import PlainTextResponse
 from pydantic import Field, field_validator
 
 from nemo_paced.atomic import atomic_write_json, atomic_write_text, remove_stale_temps
@@ -56,7 +54,7 @@ from nemo_paced.rollout.adaptive import AdaptiveConfig
 from nemo_paced.rollout.engines.base import MIN_TEMPERATURE, SEED_RANGE, Engine, SamplingParams
 from nemo_paced.rollout.estimate import ProblemRollouts, batched, rollout
 from nemo_paced.rollout.verifiers import Verifier
-from nemo_paced.serving import Guard, RequestError, Strict, bind_socket, create_api
+from nemo_paced.serving import RequestError, Strict, bind_socket, create_service_api
 
 __all__ = ["RolloutService", "ServiceConfig", "RequestError", "bind_socket", "create_app"]
 
@@ -511,28 +509,9 @@ class WeightsRequest(Strict):
 
 
 def create_app(service: RolloutService, on_shutdown: Callable[[], None] | None = None):
-    """The ASGI app: FastAPI behind the auth and size guard; its lifespan runs the estimation worker.
-    `on_shutdown` runs after the worker stops: the place to release the engine and other resources,
-    since uvicorn re-raises SIGTERM afterwards and no later code runs."""
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        service.start()
-        yield
-        service.stop()
-        if on_shutdown is not None:
-            on_shutdown()
-
-    app = create_api("nemo-paced rollout service", lifespan)
-
-    # Handlers are plain functions: FastAPI runs them on its thread pool, so a long /sample does not
-    # block /health or /table.
-    @app.get("/health")
-    def health():
-        return service.health()
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics():
-        return service.metrics()
+    """The ASGI app: the shared service API (nemo_paced.serving) with the rollout routes; its lifespan
+    runs the estimation worker, then `on_shutdown` (release the engine there)."""
+    app, guarded = create_service_api("nemo-paced rollout service", service, on_shutdown)
 
     @app.post("/estimate")
     def estimate(request: EstimateRequest):
@@ -554,7 +533,4 @@ def create_app(service: RolloutService, on_shutdown: Callable[[], None] | None =
     def weights(request: WeightsRequest):
         return service.load_weights(request.path, request.step)
 
-    def count():
-        service.requests += 1  # approximate under concurrency; a metric, not an invariant
-
-    return Guard(app, service.config.token, service.config.max_request_bytes, count)
+    return guarded

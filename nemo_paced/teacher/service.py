@@ -217,32 +217,11 @@ class ScoreRequest(Strict):
 
 
 def create_app(service: TeacherService, on_shutdown=None):
-    """The ASGI app: FastAPI behind the shared auth, size and JSON guard (nemo_paced.serving); its
-    lifespan runs the worker. `on_shutdown` runs after the worker stops (release the engine there)."""
-    import contextlib
+    """The ASGI app: the shared service API (nemo_paced.serving) with POST /score; its lifespan runs
+    the worker, then `on_shutdown` (release the engine there)."""
+    from nemo_paced.serving import create_service_api
 
-    from fastapi.responses import PlainTextResponse
-
-    from nemo_paced.serving import Guard, create_api
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        service.start()
-        yield
-        service.stop()
-        if on_shutdown is not None:
-            on_shutdown()
-
-    app = create_api("nemo-paced teacher service", lifespan)
-
-    # Plain functions: FastAPI runs them on its thread pool, so a long /score does not block /health.
-    @app.get("/health")
-    def health():
-        return service.health()
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics():
-        return service.metrics()
+    app, guarded = create_service_api("nemo-paced teacher service", service, on_shutdown)
 
     @app.post("/score")
     def score(request: ScoreRequest):
@@ -251,7 +230,4 @@ def create_app(service: TeacherService, on_shutdown=None):
         return {"model": service.scorer.model, "vocab_size": service.scorer.vocab_size, "k": request.k,
                 "results": [r.to_json() for r in results]}
 
-    def count():
-        service.requests += 1  # approximate under concurrency; a metric, not an invariant
-
-    return Guard(app, service.config.token, service.config.max_request_bytes, count)
+    return guarded
