@@ -4,7 +4,7 @@ It speaks the subset the engine uses, as `vllm serve` does: GET /v1/models, /hea
 /v1/completions with token-id prompts, n, max_tokens, seed, stop_token_ids and vLLM's
 return_tokens_as_token_ids; POST /collective_rpc (reload_weights) and /reset_prefix_cache.
 Completions are a deterministic function of (weights, prompt, seed, sample index) (`completion`),
-so a test can recompute what any replica returns. GET /stats counts completed requests and the most served at once.
+so a test can recompute what any replica returns. GET /stats counts completed requests, those in flight and the most served at once.
 
     python openai_toy_server.py --port-file F [--delay S]   # F receives the port once it listens
 """
@@ -51,7 +51,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._reply(200, {})
         if self.path == "/stats":
             return self._reply(200, {"completions": state["completions"], "peak_in_flight": state["peak"],
-                                     "weights": state["weights"]})
+                                     "in_flight": state["running"], "weights": state["weights"]})
         self._reply(404, {"detail": "not found"})
 
     def do_POST(self):

@@ -100,15 +100,18 @@ def test_requests_spread_over_replicas_within_the_in_flight_bound(servers, model
 
 
 def test_replica_killed_mid_generate_is_retried_elsewhere(servers, model_dir):
-    a, b = servers("a", delay=0.3), servers("b", delay=0.02)
+    a, b = servers("a", delay=2.0), servers("b", delay=0.02)
     engine = create_engine("openai", model_dir, url=[a.url, b.url], max_in_flight=8, cooldown=60)
     params = SamplingParams(n=4, max_tokens=6, seed=1)
     result = {}
     thread = threading.Thread(target=lambda: result.update(out=engine.generate(PROMPTS, params)))
     thread.start()
-    while (a_done := a.stats()["completions"]) < 1:
+    deadline = time.monotonic() + 30
+    while (stats := a.stats())["in_flight"] < 1:  # each request takes 2 s on a: time enough to kill it
+        assert thread.is_alive() and time.monotonic() < deadline, "replica a never received a request"
         time.sleep(0.01)
-    a.kill()  # with requests in flight on it (each takes 0.3 s there)
+    a_done = stats["completions"]
+    a.kill()  # with a request in flight on it, whatever the machine's load
     thread.join(60)
     check(engine, result["out"], PROMPTS, "start", params)
     assert engine.retried >= 1
