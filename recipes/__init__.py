@@ -28,6 +28,8 @@ class StageFiles:
     references: str | None = None  # teacher references (the fkl stage trains on them)
     passrates: str | None = None  # a saved pass-rate table (recipes that read one; Bridge asks the service)
     service: str | None = None  # the rollout service's URL or address file
+    teacher_cache: str | None = None  # a frontier teacher's top-k cache (nemo-paced teacher-cache): fkl reads it
+    teacher_service: str | None = None  # a frontier teacher service's URL or address file: rkl scores samples there
     out: str | None = None  # the stage's output; the final student lands in OUT/final (Hugging Face format)
     split: float | None = None  # share of the recipe's training steps spent in stage 1 (fkl)
 

@@ -40,6 +40,8 @@ def tiny_cpu(stage: str = "fkl", files: StageFiles = StageFiles(), work: str = W
         references=files.references or (f"{work}/references.jsonl" if stage == "fkl" else None),
         passrates=files.passrates,
         rollout=files.service or f"{work}/rollouts/address.json",
+        teacher_cache=files.teacher_cache,
+        teacher_service=files.teacher_service,
         out_dir=files.out or f"{work}/{stage}",
         schedule=TwoStageSchedule(TOTAL_STEPS, fkl_fraction=0.0 if self_distil else 0.5 if files.split is None
                                   else files.split,

@@ -103,12 +103,14 @@ def test_tiny_cpu_recipe_builds_with_overrides():
 
 def test_the_stage_files_reach_the_recipe_config_and_overrides_apply_after():
     files = ["--init", "/w/stage1/final", "--teacher", "/m/t", "--problems", "/d/p.jsonl", "--references", "/w/r.jsonl",
-             "--passrates", "/w/pr.jsonl", "--service", "/w/addr", "--out", "/w/stage2", "--split", "0.8"]
+             "--passrates", "/w/pr.jsonl", "--service", "/w/addr", "--out", "/w/stage2", "--split", "0.8",
+             "--teacher-cache", "/w/tcache", "--teacher-service", "/w/teacher.addr"]
     config = json.loads(subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--recipe", "tiny_cpu", "--stage",
                                         "rkl", "--print-config", *files, "rollout=http://h:1"], capture_output=True,
                                        text=True, check=True).stdout)
     expected = {"student": "/w/stage1/final", "teacher": "/m/t", "problems": "/d/p.jsonl", "references": "/w/r.jsonl",
-                "passrates": "/w/pr.jsonl", "out_dir": "/w/stage2", "rollout": "http://h:1"}
+                "passrates": "/w/pr.jsonl", "out_dir": "/w/stage2", "rollout": "http://h:1",
+                "teacher_cache": "/w/tcache", "teacher_service": "/w/teacher.addr"}
     assert {k: config[k] for k in expected} == expected
     assert config["schedule"]["fkl_fraction"] == 0.8  # one schedule over both stages; rkl runs its last 20 %
     bad = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--recipe", "tiny_cpu", "--stage", "fkl",

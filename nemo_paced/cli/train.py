@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     files.add_argument("--references", metavar="FILE", help="teacher references (make-references)")
     files.add_argument("--passrates", metavar="FILE", help="saved pass-rate table, for recipes that read one")
     files.add_argument("--service", metavar="ADDR", help="rollout service URL or address file")
+    files.add_argument("--teacher-cache", metavar="DIR",
+                       help="frontier teacher outside the job: its top-k cache (nemo-paced teacher-cache), "
+                            "read by stage fkl instead of running the teacher")
+    files.add_argument("--teacher-service", metavar="ADDR",
+                       help="frontier teacher outside the job: the teacher service (nemo-paced serve-teacher) "
+                            "URL or address file, which scores the student's samples in stage rkl")
     files.add_argument("--out", metavar="DIR", help="output directory; the final student goes to OUT/final")
     files.add_argument("--split", type=float, metavar="F",
                        help="share of the recipe's training steps spent in stage 1 (0 < F < 1; default 0.5)")
@@ -104,7 +110,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         files = StageFiles(init=args.init, teacher=args.teacher, problems=args.problems, references=args.references,
-                           passrates=args.passrates, service=args.service, out=args.out, split=args.split)
+                           passrates=args.passrates, service=args.service, out=args.out, split=args.split,
+                           teacher_cache=args.teacher_cache, teacher_service=args.teacher_service)
         config = build(args.recipe, args.stage, args.overrides, files)
     except (OverrideError, LookupError, ValueError, ImportError) as error:  # ImportError: Bridge on a CPU machine
         print(f"nemo-paced train: error: {error}", file=sys.stderr)

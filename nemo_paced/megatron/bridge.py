@@ -15,7 +15,7 @@ this module only where Bridge is installed. The pieces, as a recipe assembles th
   the sampler picks the refreshed table up at its next refresh boundary. It saves the data
   stream's state at every step and restores it when a job resumes (`resume`); it routes both stop
   signals to Bridge's handler and syncs parameters before each export.
-- `train(config)`: `pretrain(config, PacedForwardStep(), callbacks=[PacedCallback()])`; says whether
+- `train(config)`: `pretrain(config, config.dataset.forward_step(), callbacks=[PacedCallback()])`; says whether
   the stage finished or a stop signal ended it with a checkpoint (then `nemo-paced train` exits 75).
 """
 
@@ -147,6 +147,11 @@ class PacedDataset(DatasetProvider):
         self.stream = StepBuffer(WithPassRates(self.source, client,
                                                self.refresh_every * sampler.micro_batches_per_step))
         return self.stream, None, None
+
+    def forward_step(self) -> PacedForwardStep:
+        """The forward step `train()` runs this data with; student-only variants (a teacher outside the
+        job, a self-teacher) override it."""
+        return PacedForwardStep()
 
 
 # --- callback ----------------------------------------------------------------------------------
@@ -281,7 +286,7 @@ def train(config) -> bool:
     config.dataset.micro_batch_size = config.train.micro_batch_size
     callback = PacedCallback()
     try:
-        pretrain(config, PacedForwardStep(), callbacks=[callback])
+        pretrain(config, config.dataset.forward_step(), callbacks=[callback])
     except SystemExit as stop:  # Bridge exits with status 0 after a signal-stopped stage's checkpoint
         if stop.code not in (0, None):
             raise
