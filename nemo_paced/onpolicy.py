@@ -57,6 +57,7 @@ class Rollouts:
     pairs: list[tuple[str, list[int], list[int]]]  # (problem id, prompt ids, response ids)
     checkpoint: str
     step: int | None
+    teacher: list[Any] | None = None  # the teacher service's answer per pair (OnPolicyBatches' `teacher`)
 
 
 class OnPolicyBatches:
@@ -65,18 +66,21 @@ class OnPolicyBatches:
     `group` holds the ranks of one DP replica that read data: under Megatron
     `sampler.reader_group(is_first_or_last_stage, replica=dp_rank)`; the default (the world) suits a
     single replica. Only the group's first rank needs a working `client`. With `self_teacher`
-    (`nemo_paced.self_teacher.SelfTeacher`) each micro-batch also carries its self-teacher rows.
+    (`nemo_paced.self_teacher.SelfTeacher`) each micro-batch also carries its self-teacher rows. With
+    `teacher` (`nemo_paced.teacher.served.ServedTeacher`) the leader has the teacher service score the
+    samples on its worker thread, shares the answers with the samples, and every rank attaches them.
     """
 
     def __init__(self, sampler: PacedSampler, client: RolloutClient, builder: BatchBuilder, *, prefetch: int = 2,
                  sampling: SamplingSettings = SamplingSettings(), group: dist.ProcessGroup | None = None,
-                 self_teacher: Any = None) -> None:
+                 self_teacher: Any = None, teacher: Any = None) -> None:
         if sampler.collate is not None:
             raise ValueError("give OnPolicyBatches a sampler without a collate: it builds the batches itself")
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.sampler, self.client, self.builder = sampler, client, builder
         self.prefetch, self.sampling, self.group, self.self_teacher = prefetch, sampling, group, self_teacher
+        self.teacher = teacher
         self._leader = not dist.is_initialized() or dist.get_rank() == (
             0 if group is None else dist.get_global_rank(group, 0))
         self._shared = dist.is_initialized() and dist.get_world_size(group) > 1
@@ -104,6 +108,8 @@ class OnPolicyBatches:
         batch = self.builder.micro_batch(pairs)
         if self.self_teacher is not None:
             batch = self.self_teacher.add_teacher_rows(batch, pairs)
+        if self.teacher is not None:
+            batch = self.teacher.attach(batch, [len(p.prompt_ids) for p in pairs], rollouts.teacher)
         batch.update(rollout_checkpoint=rollouts.checkpoint, rollout_lag=lag)
         return batch
 
@@ -129,7 +135,9 @@ class OnPolicyBatches:
         if [p[0] for p in pairs] != draw.problem_ids:
             raise RuntimeError(f"the rollout service answered for {[p[0] for p in pairs]}, "
                                f"asked for {draw.problem_ids}")
-        return Rollouts(pairs, answer.checkpoint, answer.step)
+        scored = None if self.teacher is None else self.teacher.score([(prompt, response) for _, prompt, response
+                                                                       in pairs])
+        return Rollouts(pairs, answer.checkpoint, answer.step, scored)
 
     def _receive(self, future: Future | None) -> Rollouts:
         """The leader waits for its fetch and shares it (or its failure) with the peers."""

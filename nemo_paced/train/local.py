@@ -255,17 +255,15 @@ class _Run:
                                             lambda p: render_prompt(p, c.template, self.tokenizer), c.self_teacher)
             self.train_ids = self.self_teacher.problem_ids
         self.client = RolloutClient.connect(c.rollout)
-        self.teacher_client = None
+        self.served_teacher = None
         if c.teacher_service is not None:
-            from nemo_paced.teacher.client import TeacherClient
-            from nemo_paced.teacher.engines import tokenizer_fingerprint
+            from nemo_paced.teacher.served import ServedTeacher, ServedTeacherMismatch
 
-            self.teacher_client = TeacherClient.connect(c.teacher_service)
-            served = self.teacher_client.info
-            if served["tokenizer"] != tokenizer_fingerprint(self.tokenizer) or served["vocab_size"] > self.vocab_size:
-                raise RunMismatch(f"the teacher service at {self.teacher_client.url} serves {served['model']!r} with "
-                                  f"another tokenizer or a larger vocabulary ({served['vocab_size']}) than the "
-                                  f"student's ({self.vocab_size}): its token ids would not mean the student's tokens")
+            try:
+                self.served_teacher = ServedTeacher.connect(c.teacher_service, self.tokenizer, self.vocab_size,
+                                                            k=c.teacher_k, estimator=c.rkl_estimator)
+            except ServedTeacherMismatch as error:
+                raise RunMismatch(str(error)) from None
         if c.passrates is not None:
             self.table = PassRateTable.load(c.passrates)
             self.seen_version = self.client.health()["table_version"]
@@ -386,24 +384,6 @@ class _Run:
         return topk_kl(student_logits, batch["teacher_ids"], batch["teacher_logprobs"], direction=direction,
                        temperature=c.kl_temperature, tail=c.topk_tail)
 
-    def _served_teacher_rows(self, batch: dict[str, Any], pairs) -> dict[str, Any]:
-        """The teacher service's top-k (and sampled-token log-probs) on the student's samples, aligned with
-        the positions that predict them."""
-        from nemo_paced.teacher.cache import with_teacher_rows
-
-        c = self.config
-        sequences = [[*p.prompt_ids, *p.response_ids] for p in pairs]
-        starts = [len(p.prompt_ids) for p in pairs]
-        k = 1 if c.rkl_estimator == "sampled" else c.teacher_k
-        scored = self.teacher_client.score(sequences, starts, k)
-        rows = [(torch.from_numpy(r.ids), torch.from_numpy(r.logprobs), start) for r, start in zip(scored, starts)]
-        batch = with_teacher_rows(batch, rows, k, self.vocab_size)
-        token_logprobs = torch.zeros(batch["tokens"].shape, dtype=torch.float32)
-        for b, (r, start) in enumerate(zip(scored, starts)):
-            length = max(0, min(len(r.token_logprobs), token_logprobs.shape[1] - (start - 1)))
-            token_logprobs[b, start - 1:start - 1 + length] = torch.from_numpy(r.token_logprobs[:length])
-        return {**batch, "teacher_token_logprobs": token_logprobs}
-
     # --- data -----------------------------------------------------------------------------------
 
     def _next_batch(self, stage: StageName) -> dict[str, Any]:
@@ -427,8 +407,9 @@ class _Run:
                  for r, w in zip(rollouts.problems, draw.weights)]
         self._pull()  # on-policy scores fold into pass rates once K per problem have arrived
         batch = self.builder.micro_batch(pairs)
-        if self.teacher_client is not None:
-            return self._served_teacher_rows(batch, pairs)
+        if self.served_teacher is not None:  # the teacher service's top-k (or sampled-token) rows
+            scored = self.served_teacher.score([(p.prompt_ids, p.response_ids) for p in pairs])
+            return self.served_teacher.attach(batch, [len(p.prompt_ids) for p in pairs], scored)
         return batch if self.self_teacher is None else self.self_teacher.add_teacher_rows(batch, pairs)
 
     # --- the rollout service ----------------------------------------------------------------------
