@@ -14,6 +14,11 @@ rank is signalled, saves a checkpoint and exits non-zero) and the template reque
 
 With `--teacher self` (or self:current, self:initial) the chain is the self-distillation schedule:
 rollouts, estimate0, self (reverse KL from the base student, no references), eval, finish.
+
+With `--teacher-engine hf|vllm|openai` it is the frontier-teacher chain: a `teacher` service job on its
+own nodes and image (RUN_DIR/teacher.addr; its job id in RUN_DIR/teacher.jobid) and a `cache` job
+(top-k cache of the references, afterok references and estimate0); stage1 trains from the cache,
+stage2 against the service, and the training jobs never see the teacher's weights.
 """
 
 from __future__ import annotations
@@ -65,21 +70,40 @@ class ChainConfig:
     max_requeues: int = 10
     image: str | None = None
     mounts: list[str] = field(default_factory=list)
+    # The frontier chain (teacher_engine set): the teacher service job and the top-k cache job.
+    teacher_engine: str | None = None
+    teacher_nodes: int = 1
+    teacher_gpus: int | None = None  # per node (None: aux_gpus); also the references job's GPUs
+    teacher_image: str | None = None  # of the teacher and references jobs (None: image)
+    teacher_args: list[str] = field(default_factory=list)
+    teacher_vllm_args: list[str] = field(default_factory=list)
+    teacher_vllm_port: int = 8200
+    teacher_k: int = 64
+    cache_args: list[str] = field(default_factory=list)
 
     @property
     def self_distillation(self) -> bool:
         """The student is its own teacher (teacher self, self:current or self:initial)."""
         return is_self_teacher(self.teacher)
 
+    @property
+    def frontier(self) -> bool:
+        """The teacher runs only in its own service job (and the references job): teacher_engine is set."""
+        return self.teacher_engine is not None
+
     def __post_init__(self) -> None:
         if self.teacher.startswith("self:") and not self.self_distillation:
             raise ValueError(f"the self-teacher is self, self:current or self:initial; got {self.teacher!r}")
         if self.rollout_gpus is None:
             self.rollout_gpus = self.aux_gpus
-        for name in ("k", "nodes", "signal_seconds", "rollout_nodes", "rollout_tp"):
+        if self.teacher_gpus is None:
+            self.teacher_gpus = self.aux_gpus
+        if self.teacher_image is None:
+            self.teacher_image = self.image
+        for name in ("k", "nodes", "signal_seconds", "rollout_nodes", "rollout_tp", "teacher_nodes", "teacher_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("gpus_per_node", "aux_gpus", "max_requeues", "rollout_gpus"):
+        for name in ("gpus_per_node", "aux_gpus", "max_requeues", "rollout_gpus", "teacher_gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.rollout_nodes * self.rollout_gpus > 1:
@@ -97,6 +121,24 @@ class ChainConfig:
         for name, value in (("engine", self.engine), ("eval_engine", self.eval_engine)):
             if value not in ("hf", "vllm"):
                 raise ValueError(f"{name} must be hf or vllm, got {value!r}")
+        if self.frontier:
+            if self.teacher_engine not in ("hf", "vllm", "openai"):
+                raise ValueError(f"teacher_engine must be hf, vllm or openai, got {self.teacher_engine!r}")
+            if self.self_distillation:
+                raise ValueError(f"a frontier teacher (teacher_engine) is a model directory, not the self-teacher "
+                                 f"{self.teacher!r}")
+            if self.teacher_nodes > 1 and self.teacher_engine != "vllm":
+                raise ValueError(f"a teacher service on more than one node runs one multi-node vLLM deployment: it "
+                                 f"needs teacher_engine vllm, got {self.teacher_engine!r}")
+            if self.teacher_engine == "openai" and "--openai-url" not in self.teacher_args:
+                raise ValueError("teacher_engine openai drives a server you run: name it with teacher_args "
+                                 "'--openai-url http://HOST:PORT'")
+        else:
+            for name in ("teacher_args", "teacher_vllm_args", "cache_args"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} applies to the frontier chain only: set teacher_engine too")
+            if self.teacher_image != self.image:
+                raise ValueError("teacher_image applies to the frontier chain only: set teacher_engine too")
 
 
 SELF_TEACHERS = ("self", "self:current", "self:initial")
@@ -116,7 +158,11 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
 
     def train(stage: str, objective: str, init: str) -> str:
         two_stage = not cfg.self_distillation  # self-distillation: one stage, no references
-        files = ["--init", init, "--teacher", cfg.teacher, "--problems", cfg.problems,
+        teacher = ["--teacher", cfg.teacher]
+        if cfg.frontier:  # the teacher never in the job, not even its path: its cache, or its service
+            teacher = (["--teacher-cache", f"{run}/teacher-cache"] if objective == "fkl"
+                       else ["--teacher-service", f"{run}/teacher.addr"])
+        files = ["--init", init, *teacher, "--problems", cfg.problems,
                  *(["--references", f"{run}/references.jsonl"] if two_stage else []),
                  "--passrates", f"{run}/rollouts/passrates.jsonl", "--service", f"{run}/rollouts.addr",
                  "--out", f"{run}/{stage}", *(["--split", str(cfg.stage_split)] if two_stage else [])]
@@ -141,10 +187,12 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
         engine = ("--engine", "openai", "--openai-url", f"http://127.0.0.1:{cfg.vllm_port}", "--max-in-flight",
                   str(64 * dp), "--openai-startup-timeout", str(cfg.service_wait))
     estimate = ("estimate", "--service", f"{run}/rollouts.addr")
-    # The service needs a while to load its model before it publishes its address.
-    wait = (f"for _ in $(seq {max(cfg.service_wait // 2, 1)}); do [ -s {q(run)}/rollouts.addr ] && break; "
-            "sleep 2; done\n")
-    return {
+
+    def wait(address: str) -> str:  # a service needs a while to load its model before it publishes its address
+        return (f"for _ in $(seq {max(cfg.service_wait // 2, 1)}); do [ -s {q(run)}/{address} ] && break; "
+                "sleep 2; done\n")
+
+    scripts = {
         "references": paced("make-references", "--engine", cfg.engine, "--teacher", cfg.teacher, "--problems", cfg.problems,
                             "--out", f"{run}/references.jsonl", *cfg.reference_args),
         "rollouts": deployment + "\n".join([
@@ -155,9 +203,9 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
                   "--k", str(cfg.k), "--state-dir", f"{run}/rollouts", "--port", "0", "--token-file",
                   f"{run}/rollouts.token", "--address-file", f"{run}/rollouts.addr", "--weights-root", run,
                   *cfg.service_args) + ' --host "${host:-127.0.0.1}"']),
-        "estimate0": wait + paced(*estimate, "--wait"),
+        "estimate0": wait("rollouts.addr") + paced(*estimate, "--wait"),
         "stage1": train("stage1", "fkl", cfg.student),
-        "estimate1": wait + paced(*estimate, "--checkpoint", f"{run}/stage1/final", "--wait"),
+        "estimate1": wait("rollouts.addr") + paced(*estimate, "--checkpoint", f"{run}/stage1/final", "--wait"),
         "stage2": train("stage2", "rkl", f"{run}/stage1/final"),
         "self": train("self", "rkl", cfg.student),
         "eval": paced("eval", "--engine", cfg.eval_engine, "--model",
@@ -165,6 +213,47 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
                       *cfg.benchmarks, "--out", f"{run}/eval.json", *cfg.eval_args),
         "finish": f"scancel $(cat {q(run)}/rollouts.jobid)",
     }
+    if cfg.frontier:
+        scripts["teacher"] = _teacher_command(cfg, paced)
+        scripts["cache"] = wait("teacher.addr") + paced(
+            "teacher-cache", "--service", f"{run}/teacher.addr", "--teacher", cfg.teacher, "--problems", cfg.problems,
+            "--references", f"{run}/references.jsonl", "--passrates", f"{run}/rollouts/passrates.jsonl",
+            "--k", str(cfg.teacher_k), "--out", f"{run}/teacher-cache", *cfg.cache_args)
+        # Before stopping the teacher service, keep its /metrics (sequences and tokens scored).
+        scripts["finish"] = "\n".join([
+            f"url=$(sed -n 's/.*\"url\": *\"\\([^\"]*\\)\".*/\\1/p' {q(run)}/teacher.addr)",
+            f'curl -sSf --max-time 30 -H "Authorization: Bearer $(cat {q(run)}/teacher.token)" "$url/metrics" '
+            f"> {q(run)}/teacher.metrics || echo \"[paced] could not read the teacher service's metrics\" >&2",
+            f"scancel $(cat {q(run)}/rollouts.jobid) $(cat {q(run)}/teacher.jobid)"])
+    return scripts
+
+
+def _teacher_command(cfg: ChainConfig, paced) -> str:
+    """The teacher service job, as launch/jobs/teacher.sbatch: `serve-teacher`, in front of one multi-node
+    `vllm serve` (TP over each node's GPUs, PP over the nodes) when vllm spans more than one node."""
+    run, q = str(cfg.run_dir), shlex.quote
+    engine: tuple[str, ...] = ("--engine", cfg.teacher_engine)
+    if cfg.teacher_engine == "vllm" and cfg.teacher_gpus > 1:
+        engine += ("--tensor-parallel-size", str(cfg.teacher_gpus))
+    deployment = ""
+    if cfg.teacher_engine == "vllm" and cfg.teacher_nodes > 1:
+        # Every node runs this script once: node 0 the API on loopback for the service, the others headless.
+        serve = " ".join(q(a) for a in ("vllm", "serve", cfg.teacher, "--tensor-parallel-size", str(cfg.teacher_gpus),
+                                        "--pipeline-parallel-size", str(cfg.teacher_nodes), "--nnodes",
+                                        str(cfg.teacher_nodes), "--max-logprobs", "256", *cfg.teacher_vllm_args))
+        head = 'head=$(getent hosts "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)" | awk \'{print $1; exit}\')'
+        deployment = "\n".join([
+            head, f'vl=({serve} --master-addr "$head" --node-rank "$SLURM_NODEID")',
+            '[ "$SLURM_NODEID" = 0 ] || exec "${vl[@]}" --headless',
+            f'"${{vl[@]}}" --host 127.0.0.1 --port {cfg.teacher_vllm_port} &', ""])
+        engine = ("--engine", "openai", "--openai-url", f"http://127.0.0.1:{cfg.teacher_vllm_port}")
+    return deployment + "\n".join([
+        f"echo $SLURM_JOB_ID > {q(run)}/teacher.jobid", f"rm -f {q(run)}/teacher.addr",
+        "host=$(hostname -I | awk '{print $1}')",
+        f"(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > {q(run)}/teacher.token)",
+        paced("serve-teacher", *engine, "--teacher", cfg.teacher, "--port", "0", "--token-file",
+              f"{run}/teacher.token", "--address-file", f"{run}/teacher.addr", *cfg.teacher_args)
+        + ' --host "${host:-127.0.0.1}"'])
 
 
 # stage -> (job kind, dependency type, dependencies), as in paced_two_stage.sh
@@ -188,8 +277,24 @@ SELF_CHAIN = {
 }
 
 
+# The frontier-teacher chain: the teacher's service job and the cache job join it; the references job runs on
+# one of the teacher's nodes (its image and GPUs per node); stage1 waits for the cache.
+FRONTIER_CHAIN = {
+    "references": ("teacher_aux", "afterok", []),
+    "rollouts": ("service", "afterok", []),
+    "teacher": ("teacher", "afterok", []),
+    "estimate0": ("aux", "after", ["rollouts"]),
+    "cache": ("cpu", "afterok", ["references", "estimate0"]),
+    "stage1": ("train", "afterok", ["cache"]),
+    "estimate1": ("aux", "afterok", ["stage1"]),
+    "stage2": ("train", "afterok", ["estimate1"]),
+    "eval": ("aux", "afterok", ["stage2"]),
+    "finish": ("small", "afterany", ["references", "estimate0", "cache", "stage1", "estimate1", "stage2", "eval"]),
+}
+
+
 def chain(cfg: ChainConfig) -> dict[str, tuple[str, str, list[str]]]:
-    return SELF_CHAIN if cfg.self_distillation else CHAIN
+    return SELF_CHAIN if cfg.self_distillation else FRONTIER_CHAIN if cfg.frontier else CHAIN
 
 
 def executor(cfg: ChainConfig, stage: str):
@@ -203,11 +308,15 @@ def executor(cfg: ChainConfig, stage: str):
         "service": (cfg.rollout_nodes, 1, cfg.rollout_gpus, cfg.service_time),
         "train": (cfg.nodes, max(cfg.gpus_per_node, 1), cfg.gpus_per_node, cfg.time),
         "small": (1, 1, 0, "00:05:00"),
+        "teacher": (cfg.teacher_nodes, 1, cfg.teacher_gpus, cfg.service_time),
+        "teacher_aux": (1, 1, cfg.teacher_gpus, cfg.aux_time),
+        "cpu": (1, 1, 0, cfg.aux_time),
     }[kind]
+    image = cfg.teacher_image if kind in ("teacher", "teacher_aux") else cfg.image
     ex = run.SlurmExecutor(
         account=cfg.account, partition=cfg.partition, qos=cfg.qos, nodes=nodes, ntasks_per_node=tasks,
         gpus_per_node=gpus or None, cpus_per_task=cfg.cpus_per_task, time=time,
-        container_image=cfg.image, container_mounts=[f"{cfg.run_dir}:{cfg.run_dir}", *cfg.mounts],
+        container_image=image, container_mounts=[f"{cfg.run_dir}:{cfg.run_dir}", *cfg.mounts],
         tunnel=run.LocalTunnel(job_dir=str(cfg.run_dir / "nemorun" / "experiments")), packager=run.Packager(),
         job_details=SlurmJobDetails(job_name=f"paced-{stage}", folder=str(cfg.run_dir / "logs")),
         additional_parameters={"kill_on_invalid_dep": "yes"}, dependency_type=dependency_type,
@@ -303,6 +412,30 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
                    help="how often a training job may be requeued (default 10)")
     p.add_argument("--image", default=env("PACED_IMAGE"), help="container image for pyxis/enroot")
     p.add_argument("--mounts", default=env("PACED_MOUNTS", ""), help="extra container mounts SRC:DST[,SRC:DST]")
+    frontier = p.add_argument_group("frontier teacher (the teacher only in its own service job; all but "
+                                    "--teacher-engine need it)")
+    frontier.add_argument("--teacher-engine", default=env("PACED_TEACHER_ENGINE") or None,
+                          choices=["hf", "vllm", "openai"],
+                          help="submit the frontier chain; engine of `serve-teacher` (vllm on more than one node: "
+                               "one multi-node `vllm serve` driven through the openai engine; openai: a server you "
+                               "run, named by --openai-url in --teacher-args)")
+    frontier.add_argument("--teacher-nodes", type=int, default=int(env("PACED_TEACHER_NODES", "1")),
+                          help="nodes of the teacher service job (default 1)")
+    frontier.add_argument("--teacher-gpus", type=int, default=int(env("PACED_TEACHER_GPUS", "-1")),
+                          help="GPUs per teacher node, also of the references job (default: --aux-gpus)")
+    frontier.add_argument("--teacher-image", default=env("PACED_TEACHER_IMAGE"),
+                          help="container image of the teacher and references jobs (default: --image)")
+    frontier.add_argument("--teacher-args", default=env("PACED_TEACHER_ARGS", ""),
+                          help="extra serve-teacher flags (e.g. '--max-k 64')")
+    frontier.add_argument("--teacher-vllm-args", default=env("PACED_TEACHER_VLLM_ARGS", ""),
+                          help="extra flags for the teacher's multi-node `vllm serve`")
+    frontier.add_argument("--teacher-vllm-port", type=int, default=int(env("PACED_TEACHER_VLLM_PORT", "8200")),
+                          help="loopback port of that deployment's API (default 8200)")
+    frontier.add_argument("--teacher-k", type=int, default=int(env("PACED_TEACHER_K", "64")),
+                          help="top-k log-probs per token kept in the cache (default 64); the reverse-KL stage's k "
+                               "is the recipe's (tiny_cpu: teacher_k=K in --train-args)")
+    frontier.add_argument("--cache-args", default=env("PACED_CACHE_ARGS", ""),
+                          help="extra teacher-cache flags: the training run's --template and kernel")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
     a = p.parse_args(argv)
     run_dir = Path(a.run_dir or f"runs/{a.recipe}-nemo-run").absolute()
@@ -324,7 +457,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ChainConfig, bool]:
             vllm_args=a.vllm_args.split(), vllm_port=a.vllm_port, cpus_per_task=a.cpus_per_task, time=a.time, aux_time=a.aux_time,
             service_time=a.service_time, service_host=a.service_host, service_wait=a.service_wait,
             signal_seconds=a.signal_seconds, max_requeues=a.max_requeues,
-            image=a.image, mounts=[m for m in a.mounts.split(",") if m])
+            image=a.image, mounts=[m for m in a.mounts.split(",") if m],
+            teacher_engine=a.teacher_engine, teacher_nodes=a.teacher_nodes,
+            teacher_gpus=None if a.teacher_gpus < 0 else a.teacher_gpus, teacher_image=a.teacher_image,
+            teacher_args=a.teacher_args.split(), teacher_vllm_args=a.teacher_vllm_args.split(),
+            teacher_vllm_port=a.teacher_vllm_port, teacher_k=a.teacher_k, cache_args=a.cache_args.split())
     except ValueError as e:
         p.error(str(e))
     return cfg, a.dry_run

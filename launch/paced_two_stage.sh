@@ -25,6 +25,17 @@ no forward-KL stage (chain.env records PACED_SCHEDULE=self, else two-stage, for 
                (afterok estimate0); pass rates refreshed by the recipe as in stage2
   eval         evaluation of RUN_DIR/self/final               (afterok self)
   finish       stops the rollout service                      (afterany of all the above)
+Frontier teacher (--teacher-engine; docs/frontier_teacher.md): the teacher runs only in its own
+service job, and no training job loads its weights. Two jobs join the two-stage chain:
+  teacher      teacher service `nemo-paced serve-teacher` on its own nodes, GPUs and image,
+               publishes RUN_DIR/teacher.addr                 (no dependency, runs alongside)
+  cache        `nemo-paced teacher-cache` through that service: top-k of every reference, problems at
+               weight 0 under estimate0's table skipped, in RUN_DIR/teacher-cache
+                                                              (afterok references, estimate0)
+  stage1 trains from the cache (`--teacher-cache`, afterok cache), stage2 has its samples scored by
+  the service (`--teacher-service RUN_DIR/teacher.addr`); the references job still generates with the
+  teacher in-process (make-references, --engine), on one node with the teacher's image and GPUs per
+  node; finish stops both services.
 A failed job's dependents are cancelled at once (--kill-on-invalid-dep=yes) and never run.
 Training jobs are submitted with --requeue and --signal=B:USR1@SECONDS: near the time limit they
 save a checkpoint, requeue themselves and resume from it.
@@ -49,6 +60,25 @@ Data and models:
   --service-args '..'   PACED_SERVICE_ARGS extra flags for `nemo-paced serve-rollouts` (e.g. '--template raw')
   --reference-args '..' PACED_REFERENCE_ARGS  extra flags for `nemo-paced make-references`
   --eval-args '..'      PACED_EVAL_ARGS    extra flags for `nemo-paced eval` (e.g. '--n 8 --max-tokens 2048')
+Frontier teacher (all but --teacher-engine need it):
+  --teacher-engine hf|vllm|openai  PACED_TEACHER_ENGINE  submit the frontier chain; engine of `serve-teacher`.
+                                           vllm on more than one node: the job starts one `vllm serve`
+                                           over all of them (tensor parallel over each node's GPUs, pipeline
+                                           parallel over the nodes, API on 127.0.0.1:PACED_TEACHER_VLLM_PORT,
+                                           default 8200) and the service drives it through the openai engine;
+                                           openai: a server you run, named by --openai-url in --teacher-args
+  --teacher-nodes N     PACED_TEACHER_NODES  nodes of the teacher service job (default 1)
+  --teacher-gpus G      PACED_TEACHER_GPUS GPUs per teacher node, also of the references job
+                                           (default: --aux-gpus)
+  --teacher-image IMG   PACED_TEACHER_IMAGE container image of the teacher and references jobs
+                                           (default: --image)
+  --teacher-args '..'   PACED_TEACHER_ARGS extra flags for `nemo-paced serve-teacher` (e.g.
+                                           '--tensor-parallel-size 8 --max-k 64')
+  --teacher-vllm-args '..' PACED_TEACHER_VLLM_ARGS  extra flags for the teacher's multi-node `vllm serve`
+  --teacher-k K         PACED_TEACHER_K    top-k log-probs per token kept in the cache (default 64); the
+                                           reverse-KL stage's k is the recipe's (tiny_cpu: teacher_k=K)
+  --cache-args '..'     PACED_CACHE_ARGS   extra flags for `nemo-paced teacher-cache`: the training run's
+                                           --template and kernel (--alpha --beta --weight-mode --unknown)
 Cluster:
   --account A           PACED_ACCOUNT      sbatch --account
   --partition P         PACED_PARTITION    sbatch --partition
@@ -90,7 +120,7 @@ EOF
 
 die() { echo "paced_two_stage.sh: $*" >&2; exit 2; }
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-STAGES=(references rollouts estimate0 stage1 estimate1 stage2 self eval finish)
+STAGES=(references rollouts teacher estimate0 cache stage1 estimate1 stage2 self eval finish)
 
 # ---------------------------------------------------------------------------------------- status
 job_state() {  # JOBID -> "STATE REASON" from scontrol, then sacct; empty when SLURM forgot the job
@@ -115,8 +145,8 @@ status() {
     state=${state:-UNKNOWN}
     [ -e "$log" ] || log="-"
     rows+=("$(printf '%-10s %-8s %-10s %-26s %s' "$stage" "$id" "$state" "${reason:-None}" "$log")")
-    # The service ends cancelled by design; a service that breaks fails the estimate jobs instead.
-    [ "$stage" = rollouts ] && continue
+    # The services end cancelled by design; a service that breaks fails the jobs that use it instead.
+    [ "$stage" = rollouts ] || [ "$stage" = teacher ] && continue
     case $state in
       COMPLETED) ;;
       CANCELLED) [ "$reason" = DependencyNeverSatisfied ] || failed=${failed:-$stage:$id:$log} ;;
@@ -157,6 +187,10 @@ while [ $# -gt 0 ]; do
     --stage-split) PACED_STAGE_SPLIT=$2 ;; --train-args) PACED_TRAIN_ARGS=$2 ;;
     --service-args) PACED_SERVICE_ARGS=$2 ;; --reference-args) PACED_REFERENCE_ARGS=$2 ;;
     --eval-args) PACED_EVAL_ARGS=$2 ;;
+    --teacher-engine) PACED_TEACHER_ENGINE=$2 ;; --teacher-nodes) PACED_TEACHER_NODES=$2 ;;
+    --teacher-gpus) PACED_TEACHER_GPUS=$2 ;; --teacher-image) PACED_TEACHER_IMAGE=$2 ;;
+    --teacher-args) PACED_TEACHER_ARGS=$2 ;; --teacher-vllm-args) PACED_TEACHER_VLLM_ARGS=$2 ;;
+    --teacher-k) PACED_TEACHER_K=$2 ;; --cache-args) PACED_CACHE_ARGS=$2 ;;
     --account) PACED_ACCOUNT=$2 ;; --partition) PACED_PARTITION=$2 ;; --qos) PACED_QOS=$2 ;;
     --nodes) PACED_NODES=$2 ;; --gpus-per-node) PACED_GPUS_PER_NODE=$2 ;; --aux-gpus) PACED_AUX_GPUS=$2 ;;
     --rollout-nodes) PACED_ROLLOUT_NODES=$2 ;; --rollout-gpus) PACED_ROLLOUT_GPUS=$2 ;;
@@ -178,12 +212,14 @@ done
 : "${PACED_AUX_TIME:=02:00:00}" "${PACED_SERVICE_TIME:=1-00:00:00}" "${PACED_SIGNAL_SECONDS:=300}"
 : "${PACED_ROLLOUT_NODES:=1}" "${PACED_ROLLOUT_GPUS:=$PACED_AUX_GPUS}" "${PACED_ROLLOUT_TP:=1}" "${PACED_VLLM_PORT:=8100}"
 : "${PACED_MAX_REQUEUES:=10}" "${PACED_SERVICE_WAIT:=1800}" "${PACED_RUN_DIR:=runs/$PACED_RECIPE-$(date +%Y%m%d-%H%M%S)}"
+: "${PACED_TEACHER_NODES:=1}" "${PACED_TEACHER_GPUS:=$PACED_AUX_GPUS}" "${PACED_TEACHER_K:=64}" "${PACED_TEACHER_VLLM_PORT:=8200}"
 
 for var in PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS; do
   [ -n "${!var:-}" ] || die "$var is not set: give --$(tr '[:upper:]_' '[:lower:]-' <<<"${var#PACED_}") (see --help)"
 done
 for var in PACED_K PACED_NODES PACED_GPUS_PER_NODE PACED_AUX_GPUS PACED_SIGNAL_SECONDS PACED_MAX_REQUEUES \
-  PACED_SERVICE_WAIT PACED_ROLLOUT_NODES PACED_ROLLOUT_GPUS PACED_ROLLOUT_TP PACED_VLLM_PORT; do
+  PACED_SERVICE_WAIT PACED_ROLLOUT_NODES PACED_ROLLOUT_GPUS PACED_ROLLOUT_TP PACED_VLLM_PORT PACED_TEACHER_NODES \
+  PACED_TEACHER_GPUS PACED_TEACHER_K PACED_TEACHER_VLLM_PORT; do
   [[ ${!var} =~ ^[0-9]+$ ]] || die "$var must be a whole number, got '${!var}'"
 done
 [ "$PACED_ROLLOUT_NODES" -ge 1 ] && [ "$PACED_ROLLOUT_TP" -ge 1 ] ||
@@ -199,6 +235,20 @@ fi
   die "PACED_STAGE_SPLIT must be a fraction strictly between 0 and 1 (both stages train), got '$PACED_STAGE_SPLIT'"
 case $PACED_ENGINE in hf | vllm) ;; *) die "PACED_ENGINE must be hf or vllm, got '$PACED_ENGINE'" ;; esac
 case $PACED_EVAL_ENGINE in hf | vllm) ;; *) die "PACED_EVAL_ENGINE must be hf or vllm, got '$PACED_EVAL_ENGINE'" ;; esac
+if [ -n "${PACED_TEACHER_ENGINE:-}" ]; then  # the frontier chain: the teacher in its own service job
+  case $PACED_TEACHER_ENGINE in hf | vllm | openai) ;;
+    *) die "PACED_TEACHER_ENGINE must be hf, vllm or openai, got '$PACED_TEACHER_ENGINE'" ;; esac
+  [ "$PACED_TEACHER_NODES" -ge 1 ] && [ "$PACED_TEACHER_K" -ge 1 ] || die "PACED_TEACHER_NODES and PACED_TEACHER_K must be at least 1"
+  [ "$PACED_TEACHER_NODES" = 1 ] || [ "$PACED_TEACHER_ENGINE" = vllm ] ||
+    die "a teacher service on more than one node runs one multi-node vLLM deployment: it needs --teacher-engine vllm, got '$PACED_TEACHER_ENGINE'"
+  [ "$PACED_TEACHER_ENGINE" != openai ] || [[ " ${PACED_TEACHER_ARGS:-} " == *" --openai-url "* ]] ||
+    die "--teacher-engine openai drives a server you run: name it with --teacher-args '--openai-url http://HOST:PORT'"
+  case ${PACED_TEACHER:-} in self | self:*) die "a frontier teacher (--teacher-engine) is a model directory, not the self-teacher '$PACED_TEACHER'" ;; esac
+else
+  for var in PACED_TEACHER_ARGS PACED_TEACHER_VLLM_ARGS PACED_TEACHER_IMAGE PACED_CACHE_ARGS; do
+    [ -z "${!var:-}" ] || die "$var applies to the frontier chain only: give --teacher-engine hf|vllm|openai too"
+  done
+fi
 if [ -n "${PACED_FAIL_STAGE:-}" ] && [[ " ${STAGES[*]} " != *" $PACED_FAIL_STAGE "* ]]; then
   die "PACED_FAIL_STAGE must be one of: ${STAGES[*]}; got '$PACED_FAIL_STAGE'"
 fi
@@ -239,13 +289,24 @@ else
   train+=(--ntasks-per-node=1)
 fi
 small=(--nodes=1 --ntasks=1 --time=00:05:00)
+# The frontier chain: the teacher's job, and the references job on one of the teacher's nodes.
+teacher=(--nodes="$PACED_TEACHER_NODES" --ntasks-per-node=1 --time="$PACED_SERVICE_TIME")
+[ "$PACED_TEACHER_NODES" = 1 ] && teacher=(--nodes=1 --ntasks=1 --time="$PACED_SERVICE_TIME")
+[ "$PACED_TEACHER_GPUS" -gt 0 ] && teacher+=(--gpus-per-node="$PACED_TEACHER_GPUS")
+references=("${aux[@]}")
+if [ -n "${PACED_TEACHER_ENGINE:-}" ]; then
+  references=(--nodes=1 --ntasks=1 --time="$PACED_AUX_TIME")
+  [ "$PACED_TEACHER_GPUS" -gt 0 ] && references+=(--gpus-per-node="$PACED_TEACHER_GPUS")
+fi
+cache=(--nodes=1 --ntasks=1 --time="$PACED_AUX_TIME")  # scoring happens in the teacher's job
 
 chain_env() {  # the settings every job reads, as a file bash can source
   local var
   for var in PACED_RECIPE PACED_SCHEDULE PACED_RUN_DIR PACED_PROBLEMS PACED_TEACHER PACED_STUDENT PACED_BENCHMARKS PACED_K \
     PACED_ENGINE PACED_EVAL_ENGINE PACED_STAGE_SPLIT PACED_TRAIN_ARGS PACED_SERVICE_ARGS PACED_REFERENCE_ARGS PACED_EVAL_ARGS PACED_IMAGE PACED_MOUNTS \
     PACED_SERVICE_HOST PACED_SERVICE_WAIT PACED_MAX_REQUEUES PACED_FAIL_STAGE PACED_ROLLOUT_NODES PACED_ROLLOUT_GPUS \
-    PACED_ROLLOUT_TP PACED_VLLM_ARGS PACED_VLLM_PORT; do
+    PACED_ROLLOUT_TP PACED_VLLM_ARGS PACED_VLLM_PORT PACED_TEACHER_ENGINE PACED_TEACHER_NODES PACED_TEACHER_GPUS \
+    PACED_TEACHER_IMAGE PACED_TEACHER_ARGS PACED_TEACHER_VLLM_ARGS PACED_TEACHER_VLLM_PORT PACED_TEACHER_K PACED_CACHE_ARGS; do
     printf '%s=%q\n' "$var" "${!var:-}"
   done
 }
@@ -300,16 +361,25 @@ if [ "$PACED_SCHEDULE" = self ]; then
   fi
   exit 0
 fi
-submit references references.sbatch "" "${aux[@]}" --
+submit references references.sbatch "" "${references[@]}" --
 submit rollouts rollouts.sbatch "" "${service[@]}" --
-submit estimate0 estimate.sbatch "after:${JOB[rollouts]}" "${aux[@]}" -- "${JOB[rollouts]}"
-submit stage1 train.sbatch "afterok:${JOB[references]}:${JOB[estimate0]}" "${train[@]}" -- fkl
+if [ -n "${PACED_TEACHER_ENGINE:-}" ]; then
+  submit teacher teacher.sbatch "" "${teacher[@]}" --
+  submit estimate0 estimate.sbatch "after:${JOB[rollouts]}" "${aux[@]}" -- "${JOB[rollouts]}"
+  submit cache cache.sbatch "afterok:${JOB[references]}:${JOB[estimate0]}" "${cache[@]}" -- "${JOB[teacher]}"
+  submit stage1 train.sbatch "afterok:${JOB[cache]}" "${train[@]}" -- fkl
+else
+  submit estimate0 estimate.sbatch "after:${JOB[rollouts]}" "${aux[@]}" -- "${JOB[rollouts]}"
+  submit stage1 train.sbatch "afterok:${JOB[references]}:${JOB[estimate0]}" "${train[@]}" -- fkl
+fi
 submit estimate1 estimate.sbatch "afterok:${JOB[stage1]}" "${aux[@]}" -- "${JOB[rollouts]}" "$RUN/stage1/final"
 submit stage2 train.sbatch "afterok:${JOB[estimate1]}" "${train[@]}" -- rkl
 submit eval eval.sbatch "afterok:${JOB[stage2]}" "${aux[@]}" --
-submit finish finish.sbatch \
-  "afterany:${JOB[references]}:${JOB[estimate0]}:${JOB[stage1]}:${JOB[estimate1]}:${JOB[stage2]}:${JOB[eval]}" \
-  "${small[@]}" -- "${JOB[rollouts]}"
+after=("${JOB[references]}" "${JOB[estimate0]}")
+services=("${JOB[rollouts]}")
+if [ -n "${PACED_TEACHER_ENGINE:-}" ]; then after+=("${JOB[cache]}"); services+=("${JOB[teacher]}"); fi
+after+=("${JOB[stage1]}" "${JOB[estimate1]}" "${JOB[stage2]}" "${JOB[eval]}")
+submit finish finish.sbatch "afterany:$(IFS=:; echo "${after[*]}")" "${small[@]}" -- "${services[@]}"
 if [ "$DRY_RUN" = 0 ]; then
   echo "run directory: $RUN"
   echo "follow it with: $0 status $RUN"

@@ -117,3 +117,83 @@ def test_an_unknown_self_teacher_is_refused(capsys):
     failed = subprocess.run(["bash", str(REPO / "launch" / "paced_two_stage.sh"), *ARGS[:4], "self:frozen",
                              *ARGS[5:], "--dry-run"], capture_output=True, text=True)
     assert failed.returncode == 2 and "self, self:current or self:initial" in failed.stderr
+
+
+FRONTIER = ["--teacher-engine", "hf"]
+
+
+def test_frontier_chain_adds_the_teacher_and_cache_jobs_in_both_launchers():
+    cfg = config(*FRONTIER)
+    assert cfg.frontier and nemo_run_paced.chain(cfg) is nemo_run_paced.FRONTIER_CHAIN
+    assert list(nemo_run_paced.FRONTIER_CHAIN) == ["references", "rollouts", "teacher", "estimate0", "cache", "stage1",
+                                                   "estimate1", "stage2", "eval", "finish"]
+    assert _shell_chain(*ARGS, *FRONTIER) == {
+        stage: (kind, deps) for stage, (_, kind, deps) in nemo_run_paced.FRONTIER_CHAIN.items()}
+    assert nemo_run_paced.FRONTIER_CHAIN["cache"][1:] == ("afterok", ["references", "estimate0"])
+    assert nemo_run_paced.FRONTIER_CHAIN["stage1"][1:] == ("afterok", ["cache"])
+    assert "teacher" not in _shell_chain(*ARGS) and "cache" not in _shell_chain(*ARGS)
+
+
+def test_frontier_commands_keep_the_teacher_out_of_the_training_jobs():
+    cmds = nemo_run_paced.commands(config(*FRONTIER, "--teacher-k", "16", "--cache-args", "--template raw",
+                                          "--teacher-args", "--max-k 32"))
+    assert ("nemo-paced train --recipe tiny_cpu --stage fkl --init /m/s --teacher-cache /scratch/run/teacher-cache "
+            "--problems /data/p.jsonl --references /scratch/run/references.jsonl") in cmds["stage1"]
+    assert ("--stage rkl --init /scratch/run/stage1/final --teacher-service /scratch/run/teacher.addr "
+            "--problems") in cmds["stage2"]
+    for stage in ("stage1", "stage2"):
+        assert "--teacher " not in cmds[stage] and "/m/t" not in cmds[stage]
+    assert ("nemo-paced teacher-cache --service /scratch/run/teacher.addr --teacher /m/t --problems /data/p.jsonl "
+            "--references /scratch/run/references.jsonl --passrates /scratch/run/rollouts/passrates.jsonl --k 16 "
+            "--out /scratch/run/teacher-cache --template raw") in cmds["cache"]
+    assert cmds["cache"].startswith("for _ in") and "/scratch/run/teacher.addr ] && break" in cmds["cache"]
+    assert ("nemo-paced serve-teacher --engine hf --teacher /m/t --port 0 --token-file /scratch/run/teacher.token "
+            "--address-file /scratch/run/teacher.addr --max-k 32") in cmds["teacher"]
+    assert "echo $SLURM_JOB_ID > /scratch/run/teacher.jobid" in cmds["teacher"]
+    assert "nemo-paced make-references --engine vllm --teacher /m/t" in cmds["references"]
+    assert cmds["finish"].endswith("scancel $(cat /scratch/run/rollouts.jobid) $(cat /scratch/run/teacher.jobid)")
+    assert "> /scratch/run/teacher.metrics" in cmds["finish"]
+
+
+def test_frontier_executors_give_the_teacher_its_own_nodes_and_image():
+    cfg = config(*FRONTIER, "--teacher-nodes", "1", "--teacher-gpus", "8", "--teacher-image", "vllm.sqsh",
+                 "--image", "nemo.sqsh", "--aux-gpus", "1")
+    teacher = nemo_run_paced.executor(cfg, "teacher")
+    assert (teacher.nodes, teacher.ntasks_per_node, teacher.gpus_per_node) == (1, 1, 8)
+    assert teacher.container_image == "vllm.sqsh" and teacher.time == "1-00:00:00" and teacher.signal is None
+    references = nemo_run_paced.executor(cfg, "references")
+    assert (references.nodes, references.gpus_per_node, references.container_image) == (1, 8, "vllm.sqsh")
+    cache = nemo_run_paced.executor(cfg, "cache")
+    assert (cache.gpus_per_node, cache.container_image, cache.dependency_type) == (None, "nemo.sqsh", "afterok")
+    assert nemo_run_paced.executor(cfg, "stage1").container_image == "nemo.sqsh"
+    vllm = config("--teacher-engine", "vllm", "--teacher-nodes", "4", "--teacher-gpus", "8")
+    assert (nemo_run_paced.executor(vllm, "teacher").nodes, vllm.teacher_image) == (4, None)
+    assert config(*FRONTIER, "--aux-gpus", "2").teacher_gpus == 2  # default: --aux-gpus
+
+
+@pytest.mark.parametrize("extra, message, shell_message", [
+    (["--teacher-engine", "hf", "--teacher-nodes", "2"],
+     "a teacher service on more than one node runs one multi-node vLLM deployment", None),
+    (["--teacher-engine", "openai"], "drives a server you run: name it with", None),
+    (["--teacher-engine", "hf", "--teacher-k", "0"], "teacher_k must be at least 1, got 0",
+     "PACED_TEACHER_NODES and PACED_TEACHER_K must be at least 1"),
+    (["--teacher-args", "--max-k 8"], "applies to the frontier chain only", None),
+    (["--cache-args", "--template raw"], "applies to the frontier chain only", None),
+])
+def test_bad_frontier_settings_are_refused_by_both_launchers(extra, message, shell_message, capsys):
+    with pytest.raises(SystemExit):
+        config(*extra)
+    assert message in capsys.readouterr().err
+    failed = subprocess.run(["bash", str(REPO / "launch" / "paced_two_stage.sh"), *ARGS, *extra, "--dry-run"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and (shell_message or message) in failed.stderr, failed.stderr
+
+
+def test_a_self_teacher_cannot_be_a_frontier_teacher(capsys):
+    args = [*ARGS[:4], "self", *ARGS[5:], *FRONTIER]
+    with pytest.raises(SystemExit):
+        nemo_run_paced.parse_args(args)
+    assert "not the self-teacher 'self'" in capsys.readouterr().err
+    failed = subprocess.run(["bash", str(REPO / "launch" / "paced_two_stage.sh"), *args, "--dry-run"],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2 and "not the self-teacher 'self'" in failed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -201,3 +202,89 @@ def test_the_self_distillation_chain_runs_from_both_launchers(slurm, tiny, tmp_p
     jobs = dict(line.split("\t")[:2] for line in (run / "jobs.tsv").read_text().splitlines())
     assert list(jobs) == SELF_STAGES
     _check_self_chain(run, jobs, slurm.wait(list(jobs.values()), timeout=900), slurm)
+
+
+FRONTIER_STAGES = ["references", "rollouts", "teacher", "estimate0", "cache", "stage1", "estimate1", "stage2", "eval",
+                   "finish"]
+
+
+def frontier_flags(tiny: list[str], run: Path) -> list[str]:
+    """The frontier chain with the hf teacher service: a k = 4 cache, 4 + 4 tiny training steps, and a teacher
+    path the training jobs could not load (a stage that tried would fail with 'no such directory')."""
+    train = tiny.index("--train-args")
+    return [*tiny[:train], "--teacher-engine", "hf", "--teacher-k", "4", "--cache-args", "--template raw",
+            "--train-args", f"schedule.total_steps=8 checkpoint_every=2 progress=false teacher_k=4 "
+                            f"teacher={run}/no-teacher-weights-here"]
+
+
+def metric(text: str, name: str) -> float:
+    return float(re.search(rf"^nemo_paced_{name} (\S+)$", text, re.M).group(1))
+
+
+def _check_frontier_chain(run: Path, stages: dict[str, str], states: dict[str, str], cluster: SlurmCluster) -> None:
+    """Both services ran alongside and were stopped by finish; the cache was written from the service and read by
+    stage 1; stage 2's samples were scored by the service; neither training job had the teacher's weights."""
+    assert {s: states[stages[s]] for s in FRONTIER_STAGES} == {
+        **{s: "COMPLETED" for s in FRONTIER_STAGES}, "rollouts": "CANCELLED", "teacher": "CANCELLED"}, logs(cluster, run)
+    report = status(cluster, run)
+    assert report.returncode == 0 and report.stdout.rstrip().endswith("COMPLETED"), report.stdout
+    assert re.search(rf"^teacher +{stages['teacher']} +CANCELLED", report.stdout, re.M), report.stdout
+    assert re.search(rf"^cache +{stages['cache']} +COMPLETED", report.stdout, re.M), report.stdout
+    for later, earlier in [("cache", "references"), ("cache", "estimate0"), ("stage1", "cache"), ("finish", "eval")]:
+        assert times(cluster, stages[later])[0] >= times(cluster, stages[earlier])[1], (later, earlier)
+
+    index = json.loads((run / "teacher-cache" / "index.json").read_text())
+    assert index["k"] == 4 and index["teacher"]["engine"].startswith("service") and index["entries"]
+    assert index["passrates"]["path"] == f"{run}/rollouts/passrates.jsonl" and index["scored_tokens"] > 0
+    absent = f"{run}/no-teacher-weights-here"
+    assert not Path(absent).exists()
+    stage1 = json.loads((run / "stage1" / "result.json").read_text())
+    assert stage1["status"] == "done" and stage1["config"]["teacher_cache"] == f"{run}/teacher-cache"
+    assert stage1["config"]["teacher"] == absent and stage1["config"]["teacher_service"] is None
+    assert [m["stage"] for m in stage1["history"]["steps"]] == ["fkl"] * 4
+    stage2 = json.loads((run / "stage2" / "result.json").read_text())
+    assert stage2["status"] == "done" and stage2["config"]["teacher_service"] == f"{run}/teacher.addr"
+    assert stage2["config"]["teacher"] == absent and stage2["config"]["teacher_cache"] is None
+    assert [m["stage"] for m in stage2["history"]["steps"]] == ["rkl"] * 4
+    # finish read the service's counters before stopping it: it scored the cache's tokens and then stage 2's samples
+    served = (run / "teacher.metrics").read_text()
+    assert metric(served, "teacher_tokens_total") > index["scored_tokens"], served
+    assert metric(served, "teacher_sequences_total") >= sum(map(len, index["entries"].values())) + 4
+    assert (run / "stage2" / "final").is_dir() and json.loads((run / "eval.json").read_text())["benchmarks"]
+
+
+def test_the_frontier_teacher_chain_runs_from_both_launchers(slurm, tiny, tmp_path):
+    run = tmp_path / "frontier-shell"
+    result = slurm.run("bash", str(SUBMIT), "tiny_cpu", "--run-dir", str(run), "--gpus-per-node", "0",
+                       "--aux-gpus", "0", "--cpus-per-task", "1", "--service-wait", "120", *frontier_flags(tiny, run))
+    ids = dict(line.split() for line in result.stdout.splitlines()[: len(FRONTIER_STAGES)])
+    assert list(ids) == FRONTIER_STAGES, result.stdout
+    _check_frontier_chain(run, ids, slurm.wait(list(ids.values()), timeout=900), slurm)
+
+    run = tmp_path / "frontier-nemo-run"
+    slurm.run(sys.executable, str(REPO / "launch" / "nemo_run_paced.py"), "tiny_cpu", "--run-dir", str(run),
+              "--gpus-per-node", "0", "--aux-gpus", "0", "--cpus-per-task", "1", "--service-wait", "120",
+              *frontier_flags(tiny, run), timeout=300)
+    jobs = dict(line.split("\t")[:2] for line in (run / "jobs.tsv").read_text().splitlines())
+    assert list(jobs) == FRONTIER_STAGES
+    _check_frontier_chain(run, jobs, slurm.wait(list(jobs.values()), timeout=900), slurm)
+
+
+def test_a_failed_cache_job_cancels_the_training_and_finish_stops_both_services(slurm, tiny, tmp_path):
+    run = tmp_path / "frontier-fail"
+    result = slurm.run("bash", str(SUBMIT), "tiny_cpu", "--run-dir", str(run), "--gpus-per-node", "0",
+                       "--aux-gpus", "0", "--cpus-per-task", "1", "--service-wait", "120", *frontier_flags(tiny, run),
+                       "--fail-stage", "cache")
+    ids = dict(line.split() for line in result.stdout.splitlines()[: len(FRONTIER_STAGES)])
+    states = slurm.wait(list(ids.values()), timeout=600)
+    assert states[ids["cache"]] == "FAILED" and slurm.job(ids["cache"])["ExitCode"] == "3:0", logs(slurm, run)
+    for stage in ("stage1", "estimate1", "stage2", "eval"):
+        job = slurm.job(ids[stage])
+        assert (job["JobState"], job["Reason"]) == ("CANCELLED", "DependencyNeverSatisfied"), stage
+    assert not (run / "teacher-cache").exists() and not (run / "stage1").exists()
+    assert states[ids["finish"]] == "COMPLETED"
+    assert states[ids["rollouts"]] == states[ids["teacher"]] == "CANCELLED"
+    report = status(slurm, run)
+    log = run / "logs" / f"cache-{ids['cache']}.out"
+    assert report.returncode == 1
+    assert f"FAILED: stage cache (job {ids['cache']}); its dependents were not run. Log: {log}" in report.stdout

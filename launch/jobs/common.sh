@@ -34,9 +34,13 @@ fi
 # srun arguments that run a step inside the container image through pyxis/enroot when one is
 # configured. The run directory is mounted at the same path, so every path in chain.env means the
 # same inside and out.
+# The frontier chain's teacher and references jobs run the teacher's image (PACED_TEACHER_IMAGE) when
+# one is given.
 PACED_SRUN_ARGS=(--kill-on-bad-exit=1)
-if [ -n "${PACED_IMAGE:-}" ]; then
-  PACED_SRUN_ARGS+=(--container-image="$PACED_IMAGE"
+image=${PACED_IMAGE:-}
+case $PACED_STAGE in teacher | references) image=${PACED_TEACHER_IMAGE:-$image} ;; esac
+if [ -n "$image" ]; then
+  PACED_SRUN_ARGS+=(--container-image="$image"
     --container-mounts="$PACED_RUN_DIR:$PACED_RUN_DIR${PACED_MOUNTS:+,$PACED_MOUNTS}"
     --container-workdir="$PACED_RUN_DIR")
 fi
@@ -46,19 +50,24 @@ paced() {
   srun "${PACED_SRUN_ARGS[@]}" --ntasks=1 nemo-paced "$@"
 }
 
-# Wait until the rollout service (job $1) has published RUN_DIR/rollouts.addr. Fails at once when
-# the service job is no longer running, and after PACED_SERVICE_WAIT seconds (default 1800).
+# Wait until a service job ($1) has published its address file (RUN_DIR/$2, default rollouts.addr;
+# $3 names the service). Fails at once when the job has ended or left the queue (a job still pending
+# is waited for), and after PACED_SERVICE_WAIT seconds (default 1800).
 paced_wait_for_service() {
-  local addr=$PACED_RUN_DIR/rollouts.addr deadline=$((SECONDS + ${PACED_SERVICE_WAIT:-1800})) state
+  local addr=$PACED_RUN_DIR/${2:-rollouts.addr} name=${3:-rollout service} state
+  local deadline=$((SECONDS + ${PACED_SERVICE_WAIT:-1800}))
   until [ -s "$addr" ]; do
     state=$(squeue -h -j "$1" -o %T 2>/dev/null || true)
-    if [ "$state" != RUNNING ]; then
-      echo "[paced] the rollout service (job $1) is ${state:-no longer queued} and never published $addr;" \
-        "see its log in $PACED_RUN_DIR/logs/" >&2
-      return 1
-    fi
+    case $state in
+      RUNNING | PENDING | CONFIGURING) ;;
+      *)
+        echo "[paced] the $name (job $1) is ${state:-no longer queued} and never published $addr;" \
+          "see its log in $PACED_RUN_DIR/logs/" >&2
+        return 1
+        ;;
+    esac
     if [ "$SECONDS" -ge "$deadline" ]; then
-      echo "[paced] the rollout service (job $1) did not publish $addr within ${PACED_SERVICE_WAIT:-1800} s" >&2
+      echo "[paced] the $name (job $1) did not publish $addr within ${PACED_SERVICE_WAIT:-1800} s" >&2
       return 1
     fi
     sleep 2
