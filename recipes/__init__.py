@@ -65,6 +65,9 @@ RECIPES: dict[str, Recipe] = {
     "qwen3_235b_a22b_to_8b": Recipe("recipes.qwen3:qwen3_235b_a22b_to_8b_paced_32gpu_h100_bf16_config",
                                     "frontier MoE teacher, Qwen3-235B-A22B -> Qwen3-8B; Bridge, 4 nodes of 8 H100 "
                                     "(TP4, PP8)"),
+    "qwen2p5_math_7b_self": Recipe("recipes.qwen2p5_math:qwen2p5_math_7b_self_distill_8gpu_h100_bf16_config",
+                                   "self-distillation of Qwen2.5-Math-7B-Instruct (stage rkl, --teacher "
+                                   "self[:initial]); Bridge, 1 node of 8 H100 (TP2, DP4)"),
 }
 
 

@@ -25,33 +25,8 @@ Context parallelism stays 1: the Paced step needs whole sequences for its per-se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from recipes import StageFiles
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Parallel layout shared by teacher and student; `*_stage_layers` = (first, last) pipeline stage
-    layer counts for models whose layers do not split evenly (None: even split)."""
-
-    tensor: int
-    pipeline: int = 1
-    sequence_parallel: bool = True
-    student_stage_layers: tuple[int, int] | None = None
-    teacher_stage_layers: tuple[int, int] | None = None
-
-    def apply(self, provider, stage_layers: tuple[int, int] | None) -> None:
-        provider.tensor_model_parallel_size = self.tensor
-        provider.pipeline_model_parallel_size = self.pipeline
-        provider.virtual_pipeline_model_parallel_size = None
-        provider.context_parallel_size = 1
-        provider.sequence_parallel = self.sequence_parallel and self.tensor > 1
-        if getattr(provider, "num_moe_experts", None):
-            provider.expert_model_parallel_size = 1
-            provider.expert_tensor_parallel_size = self.tensor
-        if stage_layers is not None:
-            provider.num_layers_in_first_pipeline_stage, provider.num_layers_in_last_pipeline_stage = stage_layers
+from recipes.bridge_base import Layout, hf_provider, paced_container
 
 
 def paced_distillation_config(student_hf: str, teacher_hf: str, stage: str, layout: Layout, *, name: str,
@@ -67,59 +42,30 @@ def paced_distillation_config(student_hf: str, teacher_hf: str, stage: str, layo
     # first, so a machine without Bridge gets nemo_paced's clear ImportError
     from nemo_paced.megatron.bridge import PacedDataset, paced_distillation_provider
 
-    import torch
-    from megatron.bridge import AutoBridge
-    from megatron.bridge.recipes.common import _pretrain_common
     from transformers import AutoTokenizer
 
     from nemo_paced.megatron.criterion import Stage, parse_stage
+    from nemo_paced.self_teacher import parse_teacher
 
+    if files.teacher is not None and parse_teacher(files.teacher) is not None:
+        raise ValueError(f"recipe {name!r} distils a separate teacher; for self-distillation ({files.teacher}) "
+                         "use the qwen2p5_math_7b_self recipe")
     stage = parse_stage(stage).value
     run_dir = f"runs/paced/{name}"
     init = files.init or (student_hf if stage == Stage.FKL.value else f"{run_dir}/{Stage.FKL.value}/final")
     teacher_hf = files.teacher or teacher_hf
     out = files.out or f"{run_dir}/{stage}"
-    # Bridge's defaults for the other sections (those of its Qwen3 recipes: distributed optimizer, overlapped
-    # gradient reduce and parameter gather, ...); model and data replaced. Not `qwen3_1p7b_pretrain_config()`:
-    # it reads Qwen/Qwen3-1.7B's config from the Hugging Face hub, which fails offline whatever --init says.
-    config = _pretrain_common()
-    student = AutoBridge.from_hf_pretrained(init).to_megatron_provider(load_weights=True)
-    teacher = AutoBridge.from_hf_pretrained(teacher_hf).to_megatron_provider(load_weights=True)
-    for provider, stage_layers in ((student, layout.student_stage_layers), (teacher, layout.teacher_stage_layers)):
-        layout.apply(provider, stage_layers)
-        provider.seq_length = seq_length
-        provider.pipeline_dtype = torch.bfloat16
-        provider.should_pad_vocab = False  # the checkpoint's vocabulary exactly: no dummy logits in the KL
-    config.model = paced_distillation_provider(student, teacher, stage, temperature,
-                                               AutoTokenizer.from_pretrained(init),
-                                               AutoTokenizer.from_pretrained(teacher_hf))
-    config.tokenizer.tokenizer_model = init
-    # The base recipe derives the vocabulary from the tokenizer (padded to 128 x TP), for pretraining
-    # from scratch: with a checkpoint it would drop rows (151808 < 151936 at TP=2) or add dummy logits
-    # (152064 at TP=4). Keep the checkpoint's size, which Bridge then leaves unpadded.
-    config.tokenizer.use_tokenizer_vocab_size = False
-    config.dataset = PacedDataset(problems=files.problems or "data/problems.jsonl",
-                                  service=files.service or f"{run_dir}/rollouts/address.json", stage=stage,
-                                  references=files.references or f"{run_dir}/references.jsonl", student=init,
-                                  seq_length=seq_length, export_dir=f"{out}/student_hf", final_dir=f"{out}/final",
-                                  num_workers=0, persistent_workers=False, pin_memory=False)
-    config.train.global_batch_size = global_batch_size
-    config.train.micro_batch_size = 1
-    config.train.train_iters = files.stage_share(stage, train_iters)
-    config.validation.eval_iters = 0
-    config.optimizer.lr = config.optimizer.min_lr = lr
-    config.optimizer.weight_decay = 0.1
-    config.optimizer.clip_grad = 1.0
-    config.scheduler.lr_warmup_iters = 0
-    config.scheduler.lr_decay_style = "constant"
-    config.ddp.average_in_collective = False  # required by per-token loss accounting: gradients are summed
-    # A requeued job resumes from its own checkpoints: Bridge loads from `load` only (the base recipe
-    # points it at nemo_experiments/ under the working directory), and the data stream's state lies there.
-    config.checkpoint.save = config.checkpoint.load = f"{out}/checkpoints"
-    # Stop with a checkpoint on SIGTERM; PacedCallback routes SIGUSR1 (train.sbatch's requeue warning)
-    # to the same handler, and `nemo-paced train` then exits 75.
-    config.train.exit_signal_handler = True
-    return config
+    student = hf_provider(init, layout, layout.student_stage_layers, seq_length)
+    teacher = hf_provider(teacher_hf, layout, layout.teacher_stage_layers, seq_length)
+    model = paced_distillation_provider(student, teacher, stage, temperature, AutoTokenizer.from_pretrained(init),
+                                        AutoTokenizer.from_pretrained(teacher_hf))
+    dataset = PacedDataset(problems=files.problems or "data/problems.jsonl",
+                           service=files.service or f"{run_dir}/rollouts/address.json", stage=stage,
+                           references=files.references or f"{run_dir}/references.jsonl", student=init,
+                           seq_length=seq_length, export_dir=f"{out}/student_hf", final_dir=f"{out}/final",
+                           num_workers=0, persistent_workers=False, pin_memory=False)
+    return paced_container(model, init, dataset, out=out, train_iters=files.stage_share(stage, train_iters),
+                           global_batch_size=global_batch_size, lr=lr)
 
 
 PAIR_LAYOUT = Layout(tensor=2)

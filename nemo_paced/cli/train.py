@@ -27,7 +27,9 @@ def _epilog() -> str:
         "Self-distillation (reverse KL on the student's own samples, scored by the student conditioned on",
         "each problem's solution or answer; docs/self_distillation.md), e.g.",
         "  nemo-paced train --recipe tiny_cpu --stage rkl --teacher self --init runs/tiny/student",
-        "(the local trainer; the Bridge recipes do not take a self-teacher yet).", "",
+        "on the local trainer, and under Megatron Bridge (qwen2p5_math_7b_self, stage rkl only)",
+        "  torchrun --nproc-per-node 8 -m nemo_paced train --recipe qwen2p5_math_7b_self --stage rkl \\",
+        "      --teacher self:initial --problems /data/math.jsonl --service runs/paced/rollouts/address.json", "",
         "Bridge recipes run under torchrun or srun, one process per GPU, e.g.",
         "  torchrun --nproc-per-node 8 -m nemo_paced train --recipe qwen3_8b_to_1p7b --stage fkl \\",
         "      --problems /data/dapo17k.jsonl --references runs/paced/references.jsonl train.train_iters=2000",
@@ -79,9 +81,11 @@ def build(recipe: str, stage: str, overrides: list[str], files: Any = None) -> A
 
     config = apply_overrides(resolve(recipe)(stage=stage, files=files or StageFiles()), overrides)
     teacher = (files or StageFiles()).teacher
-    if teacher is not None and parse_teacher(teacher) is not None and not hasattr(config, "self_teacher_weights"):
+    # the local trainer's config, or a Bridge config whose data source adds self-teacher rows (SelfDistillDataset)
+    takes_self = hasattr(config, "self_teacher_weights") or hasattr(getattr(config, "dataset", None), "self_teacher")
+    if teacher is not None and parse_teacher(teacher) is not None and not takes_self:
         raise ValueError(f"recipe {recipe!r} does not take a self-teacher ({teacher}); self-distillation runs on "
-                         "the single-machine trainer's recipes such as tiny_cpu")
+                         "recipes such as tiny_cpu and qwen2p5_math_7b_self")
     return config
 
 

@@ -26,7 +26,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch.distributed as dist
 
@@ -49,6 +49,7 @@ from nemo_paced.megatron.criterion import Stage, paced_criterion, parse_stage
 from nemo_paced.megatron.data import StepBuffer, WithPassRates
 from nemo_paced.megatron.publish import prepare, publish, step_dirs
 from nemo_paced.megatron.resume import restore_stream, save_stream_state
+from nemo_paced.megatron.self_teacher import SelfDistillationModel, SelfDistillForwardStep, initial_copy
 from nemo_paced.megatron.step import PacedForwardStep
 from nemo_paced.megatron.teacher import check_frozen, check_tokenizers, check_vocab
 from nemo_paced.onpolicy import OnPolicyBatches, SamplingSettings
@@ -57,6 +58,7 @@ from nemo_paced.problems import load_problems
 from nemo_paced.references import ReferenceBatches, load_references
 from nemo_paced.rollout.client import RolloutClient
 from nemo_paced.sampler import PacedSampler, SamplerConfig, reader_group
+from nemo_paced.self_teacher import SelfTeacher, SelfTeacherConfig
 from nemo_paced.weighting import WeightConfig
 
 log = logging.getLogger(__name__)
@@ -140,10 +142,13 @@ class PacedDataset(DatasetProvider):
         replica = reader_group(reads, replica=dp_rank)
         config = SamplerConfig(self.global_batch_size, self.micro_batch_size, self.weighting, self.seed, self.unknown,
                                refresh_every=self.refresh_every)
-        sampler = PacedSampler(collate.problem_ids if fkl else [p.id for p in problems], config,
-                               client.refresh_table, dp_rank=dp_rank, dp_size=dp_size, group=readers, collate=collate)
+        self_teacher = None if fkl else self.self_teacher_rows(problems, builder)
+        ids = collate.problem_ids if fkl else self_teacher.problem_ids if self_teacher else [p.id for p in problems]
+        sampler = PacedSampler(ids, config, client.refresh_table, dp_rank=dp_rank, dp_size=dp_size, group=readers,
+                               collate=collate)
         self.source = sampler if fkl else OnPolicyBatches(
-            sampler, client, builder, sampling=SamplingSettings(max_tokens=self.max_response_tokens), group=replica)
+            sampler, client, builder, sampling=SamplingSettings(max_tokens=self.max_response_tokens), group=replica,
+            self_teacher=self_teacher)
         self.stream = StepBuffer(WithPassRates(self.source, client,
                                                self.refresh_every * sampler.micro_batches_per_step))
         return self.stream, None, None
@@ -152,6 +157,61 @@ class PacedDataset(DatasetProvider):
         """The forward step `train()` runs this data with; student-only variants (a teacher outside the
         job, a self-teacher) override it."""
         return PacedForwardStep()
+
+    def self_teacher_rows(self, problems: list, builder: BatchBuilder) -> SelfTeacher | None:
+        """What adds the self-teacher's rows to the rkl stage's micro-batches; None: no self-teacher."""
+        return None
+
+
+@dataclass(kw_only=True)
+class SelfDistillDataset(PacedDataset):
+    """`PacedDataset` for self-distillation (stage rkl only): each on-policy micro-batch also carries the
+    rows of the self-teacher (the student with the problem's solution or answer in its prompt,
+    `nemo_paced.self_teacher`), and `train()` wraps the student in `SelfDistillationModel`
+    (`self_teacher.weights`: current, or a frozen copy of the starting weights, initial).
+
+    `teacher_seq_length` caps the teacher rows (None: the student's `seq_length` plus the longest
+    extra prompt, so no response token is lost); it is rounded up to a multiple of the
+    tensor-parallel size, which sequence parallelism splits the sequence over.
+    """
+
+    stage: str = Stage.RKL.value
+    self_teacher: SelfTeacherConfig = field(default_factory=SelfTeacherConfig)
+    teacher_seq_length: int | None = None
+    temperature: float = 1.0
+
+    def self_teacher_rows(self, problems: list, builder: BatchBuilder) -> SelfTeacher:
+        from nemo_paced.problems import render_prompt
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        teacher = SelfTeacher(problems, builder, lambda p: render_prompt(p, self.template, builder.tokenizer),
+                              self.self_teacher, self.teacher_seq_length)
+        teacher.teacher_seq_length = -(-teacher.teacher_seq_length // tp) * tp
+        return teacher
+
+    def forward_step(self) -> SelfDistillForwardStep:
+        return SelfDistillForwardStep(temperature=self.temperature)
+
+    def model_hook(self, provider) -> Callable[[list], list]:
+        """The pre-wrap hook that puts the student built by `provider` (weights loaded: run it after
+        the provider's load hook) into a `SelfDistillationModel`."""
+        weights = self.self_teacher.weights
+
+        def wrap(chunks: list) -> list:
+            if len(chunks) != 1:
+                raise ValueError("virtual pipeline parallelism is not supported by self-distillation")
+            student = chunks[0]
+            initial = None
+            if weights == "initial":
+                def build():
+                    copy = provider.provide(pre_process=student.pre_process, post_process=student.post_process)
+                    copy.model_type = student.model_type
+                    return copy
+
+                initial = initial_copy(student, build)
+            return [SelfDistillationModel(student, initial)]
+
+        return wrap
 
 
 # --- callback ----------------------------------------------------------------------------------
@@ -175,7 +235,8 @@ class PacedCallback(Callback):
         self.finished = False
 
     def on_train_start(self, context: CallbackContext) -> None:
-        check_frozen(unwrap_model(context.model[0]))
+        model = unwrap_model(context.model[0])
+        model.check_frozen() if isinstance(model, SelfDistillationModel) else check_frozen(model)
         _route_stop_signals(context.state)
         if _reads_data():
             checkpoint = context.state.cfg.checkpoint
@@ -233,8 +294,11 @@ def export_student(context: CallbackContext, partial: Path, final: Path) -> Path
         prepare(partial)
     dist.barrier()
     bridge = AutoBridge.from_hf_pretrained(context.state.cfg.dataset.student)
-    with unwrap_model(context.model[0]).hide_teacher_model(), _teacher_config_kept(context.state.cfg.model):
-        bridge.save_hf_pretrained(context.model, partial, show_progress=False)  # the student alone
+    if isinstance(unwrap_model(context.model[0]), SelfDistillationModel):  # the student, not the initial copy
+        bridge.save_hf_pretrained([unwrap_model(m).student for m in context.model], partial, show_progress=False)
+    else:
+        with unwrap_model(context.model[0]).hide_teacher_model(), _teacher_config_kept(context.state.cfg.model):
+            bridge.save_hf_pretrained(context.model, partial, show_progress=False)  # the student alone
     dist.barrier()
     if dist.get_rank() == 0:
         publish(partial, final)
@@ -284,6 +348,15 @@ def train(config) -> bool:
         raise TypeError(f"config.dataset must be a PacedDataset, got {type(config.dataset).__name__}")
     config.dataset.global_batch_size = config.train.global_batch_size
     config.dataset.micro_batch_size = config.train.micro_batch_size
+    if isinstance(config.dataset, SelfDistillDataset):
+        if parse_stage(config.dataset.stage) is not Stage.RKL:
+            raise ValueError("self-distillation trains reverse KL on the student's own samples: dataset.stage "
+                             f"must be rkl, got {config.dataset.stage!r}")
+        if config.model.pipeline_model_parallel_size > 1:
+            raise ValueError("self-distillation under Megatron Bridge runs with pipeline_model_parallel_size=1 "
+                             "(Bridge gives the schedule no hook for the doubled activations of the two passes; "
+                             "nemo_paced.megatron.self_teacher runs PP on megatron-core directly)")
+        config.model.register_pre_wrap_hook(config.dataset.model_hook(config.model))
     callback = PacedCallback()
     try:
         pretrain(config, config.dataset.forward_step(), callbacks=[callback])

@@ -70,6 +70,12 @@ class SelfDistillationModel(MegatronModule):
     def scorer(self) -> torch.nn.Module:
         return self.initial if self.initial is not None else self.student
 
+    def check_frozen(self) -> None:
+        """Raise if a parameter of the `initial` copy could be or was trained (`current` has none of its own)."""
+        for name, param in (self.initial.named_parameters() if self.initial is not None else ()):
+            if param.requires_grad or param.grad is not None or getattr(param, "main_grad", None) is not None:
+                raise RuntimeError(f"initial self-teacher parameter {name} is trainable or holds a gradient")
+
     def set_input_tensor(self, input_tensor: Any) -> None:
         """The previous stage's [student | teacher] hidden states, split for the two passes."""
         tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor

@@ -62,3 +62,28 @@ def write_references(path: Path, problems: Path, seed: int = 0) -> Path:
             f.write(json.dumps({"problem_id": row["id"], "prompt": row["prompt"], "tried": 1, "references": [
                 {"text": text, "token_ids": [], "finish_reason": "stop", "score": 1}]}) + "\n")
     return path
+
+
+def write_qwen2(path: Path, layers: int, hidden: int, seed: int, vocab: int = VOCAB) -> Path:
+    """A randomly initialised Qwen2ForCausalLM (Qwen2.5's class: q/k/v bias, no q/k norm; 4 heads, 2
+    key/value groups) with the tokenizer, saved to `path`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from nemo_paced.tasks.tokenizer import char_tokenizer
+
+    tokenizer = char_tokenizer(ALPHABET)
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False, rope_theta=10000.0, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         torch_dtype="float32")
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # sharpen the output so pass rates spread over (0, 1); give the q/k/v biases values
+        model.model.embed_tokens.weight.mul_(4)
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
