@@ -134,7 +134,7 @@ class PacedDataset(DatasetProvider):
         fkl = parse_stage(self.stage) is Stage.FKL
         if fkl and not self.references:
             raise ValueError("the fkl stage trains on teacher references: set dataset.references")
-        collate = ReferenceBatches(problems, load_references(self.references), builder, self.template) if fkl else None
+        collate = self.reference_collate(problems, builder) if fkl else None
         # Every rank runs this (Bridge builds custom datasets on all ranks), so the groups can be made here.
         reads = _reads_data()
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
@@ -148,7 +148,7 @@ class PacedDataset(DatasetProvider):
                                collate=collate)
         self.source = sampler if fkl else OnPolicyBatches(
             sampler, client, builder, sampling=SamplingSettings(max_tokens=self.max_response_tokens), group=replica,
-            self_teacher=self_teacher)
+            self_teacher=self_teacher, teacher=self.served_teacher(builder))
         self.stream = StepBuffer(WithPassRates(self.source, client,
                                                self.refresh_every * sampler.micro_batches_per_step))
         return self.stream, None, None
@@ -158,8 +158,18 @@ class PacedDataset(DatasetProvider):
         job, a self-teacher) override it."""
         return PacedForwardStep()
 
+    # What variants change (SelfDistillDataset here, bridge_frontier.TopKTeacherDataset):
+
+    def reference_collate(self, problems: list, builder: BatchBuilder):
+        """The fkl stage's collate (teacher references); variants add teacher rows."""
+        return ReferenceBatches(problems, load_references(self.references), builder, self.template)
+
     def self_teacher_rows(self, problems: list, builder: BatchBuilder) -> SelfTeacher | None:
         """What adds the self-teacher's rows to the rkl stage's micro-batches; None: no self-teacher."""
+        return None
+
+    def served_teacher(self, builder: BatchBuilder):
+        """What scores the rkl stage's samples at a teacher service (nemo_paced.teacher.served); None: none."""
         return None
 
 
@@ -236,7 +246,10 @@ class PacedCallback(Callback):
 
     def on_train_start(self, context: CallbackContext) -> None:
         model = unwrap_model(context.model[0])
-        model.check_frozen() if isinstance(model, SelfDistillationModel) else check_frozen(model)
+        if isinstance(model, SelfDistillationModel):
+            model.check_frozen()
+        elif hasattr(model, "teacher_model"):  # a student-only model (teacher outside the job) has none
+            check_frozen(model)
         _route_stop_signals(context.state)
         if _reads_data():
             checkpoint = context.state.cfg.checkpoint
@@ -294,10 +307,12 @@ def export_student(context: CallbackContext, partial: Path, final: Path) -> Path
         prepare(partial)
     dist.barrier()
     bridge = AutoBridge.from_hf_pretrained(context.state.cfg.dataset.student)
-    if isinstance(unwrap_model(context.model[0]), SelfDistillationModel):  # the student, not the initial copy
+    model = unwrap_model(context.model[0])
+    if isinstance(model, SelfDistillationModel):  # the student, not the initial copy
         bridge.save_hf_pretrained([unwrap_model(m).student for m in context.model], partial, show_progress=False)
-    else:
-        with unwrap_model(context.model[0]).hide_teacher_model(), _teacher_config_kept(context.state.cfg.model):
+    else:  # ModelOpt's distillation model, or a student-only model (nothing to hide)
+        with getattr(model, "hide_teacher_model", contextlib.nullcontext)(), \
+                _teacher_config_kept(context.state.cfg.model):
             bridge.save_hf_pretrained(context.model, partial, show_progress=False)  # the student alone
     dist.barrier()
     if dist.get_rank() == 0:
