@@ -192,8 +192,14 @@ def commands(cfg: ChainConfig) -> dict[str, str]:
         return (f"for _ in $(seq {max(cfg.service_wait // 2, 1)}); do [ -s {q(run)}/{address} ] && break; "
                 "sleep 2; done\n")
 
+    reference_engine: tuple[str, ...] = ("--engine", cfg.engine)
+    if cfg.teacher_engine == "openai":  # through the server the teacher service scores with
+        server = cfg.teacher_args
+        reference_engine = ("--engine", "openai", *(arg for i in range(len(server) - 1)
+                                                    if server[i] in ("--openai-url", "--openai-key-env")
+                                                    for arg in server[i:i + 2]))
     scripts = {
-        "references": paced("make-references", "--engine", cfg.engine, "--teacher", cfg.teacher, "--problems", cfg.problems,
+        "references": paced("make-references", *reference_engine, "--teacher", cfg.teacher, "--problems", cfg.problems,
                             "--out", f"{run}/references.jsonl", *cfg.reference_args),
         "rollouts": deployment + "\n".join([
             f"echo $SLURM_JOB_ID > {q(run)}/rollouts.jobid", f"rm -f {q(run)}/rollouts.addr",
@@ -312,6 +318,8 @@ def executor(cfg: ChainConfig, stage: str):
         "teacher_aux": (1, 1, cfg.teacher_gpus, cfg.aux_time),
         "cpu": (1, 1, 0, cfg.aux_time),
     }[kind]
+    if kind == "teacher_aux" and cfg.teacher_engine == "openai":
+        gpus = 0  # the references are generated through the teacher's server
     image = cfg.teacher_image if kind in ("teacher", "teacher_aux") else cfg.image
     ex = run.SlurmExecutor(
         account=cfg.account, partition=cfg.partition, qos=cfg.qos, nodes=nodes, ntasks_per_node=tasks,

@@ -33,9 +33,9 @@ service job, and no training job loads its weights. Two jobs join the two-stage 
                weight 0 under estimate0's table skipped, in RUN_DIR/teacher-cache
                                                               (afterok references, estimate0)
   stage1 trains from the cache (`--teacher-cache`, afterok cache), stage2 has its samples scored by
-  the service (`--teacher-service RUN_DIR/teacher.addr`); the references job still generates with the
-  teacher in-process (make-references, --engine), on one node with the teacher's image and GPUs per
-  node; finish stops both services.
+  the service (`--teacher-service RUN_DIR/teacher.addr`); finish stops both services. The references
+  job generates with the teacher in-process (make-references --engine) on one node with the teacher's
+  image and GPUs per node, or, with --teacher-engine openai, through that same server, without GPUs.
 A failed job's dependents are cancelled at once (--kill-on-invalid-dep=yes) and never run.
 Training jobs are submitted with --requeue and --signal=B:USR1@SECONDS: near the time limit they
 save a checkpoint, requeue themselves and resume from it.
@@ -68,8 +68,8 @@ Frontier teacher (all but --teacher-engine need it):
                                            default 8200) and the service drives it through the openai engine;
                                            openai: a server you run, named by --openai-url in --teacher-args
   --teacher-nodes N     PACED_TEACHER_NODES  nodes of the teacher service job (default 1)
-  --teacher-gpus G      PACED_TEACHER_GPUS GPUs per teacher node, also of the references job
-                                           (default: --aux-gpus)
+  --teacher-gpus G      PACED_TEACHER_GPUS GPUs per teacher node, also of the references job unless
+                                           the engine is openai (default: --aux-gpus)
   --teacher-image IMG   PACED_TEACHER_IMAGE container image of the teacher and references jobs
                                            (default: --image)
   --teacher-args '..'   PACED_TEACHER_ARGS extra flags for `nemo-paced serve-teacher` (e.g.
@@ -296,7 +296,7 @@ teacher=(--nodes="$PACED_TEACHER_NODES" --ntasks-per-node=1 --time="$PACED_SERVI
 references=("${aux[@]}")
 if [ -n "${PACED_TEACHER_ENGINE:-}" ]; then
   references=(--nodes=1 --ntasks=1 --time="$PACED_AUX_TIME")
-  [ "$PACED_TEACHER_GPUS" -gt 0 ] && references+=(--gpus-per-node="$PACED_TEACHER_GPUS")
+  [ "$PACED_TEACHER_GPUS" -gt 0 ] && [ "$PACED_TEACHER_ENGINE" != openai ] && references+=(--gpus-per-node="$PACED_TEACHER_GPUS")
 fi
 cache=(--nodes=1 --ntasks=1 --time="$PACED_AUX_TIME")  # scoring happens in the teacher's job
 

@@ -193,3 +193,37 @@ def test_nemo_run_teacher_task_starts_the_same_deployment_on_every_node(tmp_path
     assert service[1] == "serve-teacher" and option(service, "--engine") == "openai"
     assert option(service, "--openai-url") == "http://127.0.0.1:8200" and option(service, "--max-k") == "32"
     assert (run / "teacher.jobid").read_text().strip() == "7"
+
+
+def test_references_go_through_the_teachers_own_server_with_the_openai_engine(tmp_path):
+    served = run_job(tmp_path, "references.sbatch", "references", PACED_ENGINE="vllm", PACED_TEACHER_ENGINE="openai",
+                     PACED_TEACHER_ARGS="--max-k 32 --openai-url http://10.0.0.5:8000 --openai-key-env TEACHER_KEY",
+                     PACED_REFERENCE_ARGS="--temperature 0")
+    call = served[0][served[0].index("nemo-paced"):]
+    assert call[:6] == ["nemo-paced", "make-references", "--engine", "openai", "--openai-url", "http://10.0.0.5:8000"]
+    assert option(call, "--openai-key-env") == "TEACHER_KEY" and "--max-k" not in call
+    assert option(call, "--teacher") == "/m/teacher" and option(call, "--temperature") == "0"
+    in_process = run_job(tmp_path / "vllm", "references.sbatch", "references", PACED_ENGINE="vllm",
+                         PACED_TEACHER_IMAGE="teacher.sqsh")
+    assert option(in_process[0], "--engine") == "vllm" and "--openai-url" not in in_process[0]
+    assert option(in_process[0], "--container-image") == "teacher.sqsh"  # the teacher's image
+
+
+def test_nemo_run_references_use_the_same_server_and_no_gpus():
+    spec = importlib.util.spec_from_file_location("nemo_run_paced", REPO / "launch" / "nemo_run_paced.py")
+    module = sys.modules["nemo_run_paced"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["tiny_cpu", "--problems", "/d/p.jsonl", "--teacher", "/m/t", "--student", "/m/s", "--benchmarks",
+            "/d/b.jsonl", "--run-dir", "/r", "--teacher-gpus", "8"]
+    cfg, _ = module.parse_args([*args, "--teacher-engine", "openai", "--teacher-args",
+                                "--max-k 32 --openai-url http://10.0.0.5:8000"])
+    assert module.commands(cfg)["references"].startswith(
+        "exec nemo-paced make-references --engine openai --openai-url http://10.0.0.5:8000 --teacher /m/t")
+    assert module.executor(cfg, "references").gpus_per_node is None
+    out = subprocess.run(["bash", str(REPO / "launch" / "paced_two_stage.sh"), *args, "--teacher-engine", "openai",
+                          "--teacher-args", "--openai-url http://10.0.0.5:8000", "--dry-run"],
+                         capture_output=True, text=True, check=True).stdout
+    references = next(line for line in out.splitlines() if line.startswith("JOB_references="))
+    assert "--gpus-per-node" not in references
+    cfg, _ = module.parse_args([*args, "--teacher-engine", "vllm"])
+    assert module.executor(cfg, "references").gpus_per_node == 8
