@@ -49,7 +49,8 @@ from nemo_paced.megatron.criterion import Stage, paced_criterion, parse_stage
 from nemo_paced.megatron.data import StepBuffer, WithPassRates
 from nemo_paced.megatron.publish import prepare, publish, step_dirs
 from nemo_paced.megatron.resume import restore_stream, save_stream_state
-from nemo_paced.megatron.self_teacher import SelfDistillationModel, SelfDistillForwardStep, initial_copy
+from nemo_paced.megatron.self_teacher import (SelfDistillationModel, SelfDistillForwardStep, initial_copy,
+                                             tensor_shapes_adjust_fn)
 from nemo_paced.megatron.step import PacedForwardStep
 from nemo_paced.megatron.teacher import check_frozen, check_tokenizers, check_vocab
 from nemo_paced.onpolicy import OnPolicyBatches, SamplingSettings
@@ -182,7 +183,8 @@ class SelfDistillDataset(PacedDataset):
 
     `teacher_seq_length` caps the teacher rows (None: the student's `seq_length` plus the longest
     extra prompt, so no response token is lost); it is rounded up to a multiple of the
-    tensor-parallel size, which sequence parallelism splits the sequence over.
+    tensor-parallel size, which sequence parallelism splits the sequence over. Under pipeline
+    parallelism teacher rows have the student's `seq_length` (response tokens past it leave the loss).
     """
 
     stage: str = Stage.RKL.value
@@ -193,9 +195,15 @@ class SelfDistillDataset(PacedDataset):
     def self_teacher_rows(self, problems: list, builder: BatchBuilder) -> SelfTeacher:
         from nemo_paced.problems import render_prompt
 
+        render = lambda p: render_prompt(p, self.template, builder.tokenizer)  # noqa: E731
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            # both passes' hidden states travel between stages in one tensor: one sequence length
+            if self.teacher_seq_length not in (None, builder.seq_length):
+                log.info("pipeline parallel: teacher rows get the student's %d positions, not teacher_seq_length %d",
+                         builder.seq_length, self.teacher_seq_length)
+            return SelfTeacher(problems, builder, render, self.self_teacher, builder.seq_length)
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        teacher = SelfTeacher(problems, builder, lambda p: render_prompt(p, self.template, builder.tokenizer),
-                              self.self_teacher, self.teacher_seq_length)
+        teacher = SelfTeacher(problems, builder, render, self.self_teacher, self.teacher_seq_length)
         teacher.teacher_seq_length = -(-teacher.teacher_seq_length // tp) * tp
         return teacher
 
@@ -312,7 +320,7 @@ def export_student(context: CallbackContext, partial: Path, final: Path) -> Path
         bridge.save_hf_pretrained([unwrap_model(m).student for m in context.model], partial, show_progress=False)
     else:  # ModelOpt's distillation model, or a student-only model (nothing to hide)
         with getattr(model, "hide_teacher_model", contextlib.nullcontext)(), \
-                _teacher_config_kept(context.state.cfg.model):
+                _teacher_config_kept(context.state.cfg.model), _kd_config_hidden(context.state.cfg.model):
             bridge.save_hf_pretrained(context.model, partial, show_progress=False)  # the student alone
     dist.barrier()
     if dist.get_rank() == 0:
@@ -334,6 +342,22 @@ def _teacher_config_kept(provider):
     finally:
         if teacher is not None:
             vars(teacher).update(saved)
+
+
+@contextlib.contextmanager
+def _kd_config_hidden(provider):
+    """Under pipeline parallelism Bridge's export pickles the model config to the other stages
+    (param_mapping.py:1760), stripping unpicklable objects to depth 3 only (conversion/utils.py:218);
+    the distillation config is deeper: its criterion and loss balancer are modules of the live model
+    (DDP's forward pre-hooks, the config itself). The export does not need it: hide it meanwhile."""
+    saved = vars(provider).get("kd_config")
+    if saved is not None:
+        object.__setattr__(provider, "kd_config", None)  # not mirrored to the teacher
+    try:
+        yield
+    finally:
+        if saved is not None:
+            object.__setattr__(provider, "kd_config", saved)
 
 
 def _sync_params(context: CallbackContext) -> None:
@@ -367,15 +391,37 @@ def train(config) -> bool:
         if parse_stage(config.dataset.stage) is not Stage.RKL:
             raise ValueError("self-distillation trains reverse KL on the student's own samples: dataset.stage "
                              f"must be rkl, got {config.dataset.stage!r}")
-        if config.model.pipeline_model_parallel_size > 1:
-            raise ValueError("self-distillation under Megatron Bridge runs with pipeline_model_parallel_size=1 "
-                             "(Bridge gives the schedule no hook for the doubled activations of the two passes; "
-                             "nemo_paced.megatron.self_teacher runs PP on megatron-core directly)")
+        if config.model.virtual_pipeline_model_parallel_size:
+            raise ValueError("virtual pipeline parallelism is not supported by self-distillation")
         config.model.register_pre_wrap_hook(config.dataset.model_hook(config.model))
     callback = PacedCallback()
     try:
-        pretrain(config, config.dataset.forward_step(), callbacks=[callback])
+        with _self_distillation_shapes():
+            pretrain(config, config.dataset.forward_step(), callbacks=[callback])
     except SystemExit as stop:  # Bridge exits with status 0 after a signal-stopped stage's checkpoint
         if stop.code not in (0, None):
             raise
     return callback.finished
+
+
+@contextlib.contextmanager
+def _self_distillation_shapes():
+    """Bridge's train step asks ModelOpt alone for the pipeline schedule's tensor-shape hook
+    (megatron/bridge/training/train.py:905, imported at train.py:65), which knows only ModelOpt's
+    distillation model. A SelfDistillationModel's stages exchange [student | teacher] hidden states,
+    twice the width: while the stage trains, that name answers with `tensor_shapes_adjust_fn` for it."""
+    from megatron.bridge.training import train as bridge_loop
+
+    modelopt_fn = bridge_loop.get_tensor_shapes_adjust_fn_for_distillation
+
+    def adjust_fn(model, **kwargs):
+        first = model[0] if isinstance(model, list) else model
+        if isinstance(unwrap_model(first), SelfDistillationModel):
+            return tensor_shapes_adjust_fn(first)
+        return modelopt_fn(model, **kwargs)
+
+    bridge_loop.get_tensor_shapes_adjust_fn_for_distillation = adjust_fn
+    try:
+        yield
+    finally:
+        bridge_loop.get_tensor_shapes_adjust_fn_for_distillation = modelopt_fn

@@ -15,8 +15,11 @@ Writing a test — the fixtures:
   stop=None)` runs `nemo-paced train` under `torchrun --nproc-per-node nproc` with the CPU shims and
   the stage files above, `TINY` overrides first, yours after; `stop=(signal, after_step)` sends the
   signal to every rank once that step is recorded. Returns a `StageRun`: `.code` (exit status),
-  `.records` (what each rank recorded: start / step losses / export / exit), `.steps(rank)`,
-  `.log`. Each launch costs 20-45 s: check several things per launch.
+  `.records` (what each rank recorded: start / step losses and grad norm / export / exit), `.steps(rank)`,
+  `.grad_norms(rank)`, `.first_batches(rank)` (the micro-batches that rank read for the run's first
+  step), `.log`. Each launch costs 20-45 s: check several things per launch.
+- `reference.py`: the loss and gradient norm of a step computed from those micro-batches with
+  transformers in float64, independently of Megatron (`test_bridge_parity.py`).
 A new recipe needs nothing else if its builder takes `StageFiles` like recipes/qwen3.py; pass its
 name as `recipe=` (and its own shrinking overrides).
 """
@@ -69,10 +72,23 @@ class StageRun:
     log: str
     out: Path
     command: list[str] = field(default_factory=list)
+    record: Path | None = None
 
     def steps(self, rank: int = 0) -> dict[int, dict]:
         """step (steps done, 1-based) -> the loss dict that rank recorded."""
         return {r["step"] + 1: r["loss"] for r in self.records if r["event"] == "step" and r["rank"] == rank}
+
+    def grad_norms(self, rank: int = 0) -> dict[int, float]:
+        """step (steps done, 1-based) -> the gradient norm Bridge computed (before clipping)."""
+        return {r["step"] + 1: r["grad_norm"] for r in self.records if r["event"] == "step" and r["rank"] == rank}
+
+    def first_batches(self, rank: int = 0) -> list[dict]:
+        """The micro-batches `rank` read for the run's first step (stage.py saves them)."""
+        import torch
+
+        from stage import batches_path
+
+        return torch.load(batches_path(str(self.record), rank), weights_only=False)
 
     def events(self, event: str, rank: int = 0) -> list[dict]:
         return [r for r in self.records if r["event"] == event and r["rank"] == rank]
@@ -148,7 +164,7 @@ def run_stage(out: Path, stage: str, recipe: str, nproc: int, overrides: list[st
                 sent = True
             time.sleep(0.2)
     records = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
-    return StageRun(process.returncode, records, log_path.read_text(), out, command)
+    return StageRun(process.returncode, records, log_path.read_text(), out, command, record)
 
 
 def _recorded_step(record: Path, step: int) -> bool:

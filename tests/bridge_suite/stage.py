@@ -5,7 +5,9 @@ Runs the real command line (recipe builder, file options, overrides, Bridge's `p
 before anything imports Megatron Bridge, and `cpu_settings` applied to the built config (megatron-core's
 local layer spec instead of Transformer Engine's, fp32, no fusions, gloo). With BRIDGE_SUITE_GPU=1
 (bench/gpu_smoke.sh) neither: the recipe runs as built, on CUDA with NCCL. Every rank appends what it
-saw to $BRIDGE_SUITE_RECORD (JSON lines): each step's loss, the model sizes built, the exports made.
+saw to $BRIDGE_SUITE_RECORD (JSON lines): each step's loss and gradient norm, the model sizes built,
+the exports made; the micro-batches of the run's first step go beside it (`batches_path`), for the
+loss parity test's reference.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ def record(**row) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"rank": dist.get_rank() if dist.is_initialized() else 0, **row}) + "\n")
+
+
+def batches_path(record_path: str, rank: int) -> str:
+    """Where `rank` saves the micro-batches it read for the run's first step (torch.save of a list of dicts)."""
+    return f"{record_path}.batches-rank{rank}.pt"
 
 
 def cpu_settings(config) -> None:
@@ -53,7 +60,7 @@ def cpu_settings(config) -> None:
 
 
 def _local_spec(get_spec, provider, vp_stage=None):
-    return get_spec(qk_layernorm=True)
+    return get_spec(qk_layernorm=provider.qk_layernorm)  # Qwen3 normalises q and k, Qwen2 does not
 
 
 def _instrument() -> None:
@@ -62,6 +69,7 @@ def _instrument() -> None:
 
     callback = bridge.PacedCallback
     step_end, train_start, export = callback.on_train_step_end, callback.on_train_start, bridge.export_student
+    step_start = callback.on_train_step_start
 
     def on_train_start(self, context):
         from megatron.core.utils import unwrap_model
@@ -71,22 +79,36 @@ def _instrument() -> None:
         teacher = model._teacher_model if hasattr(model, "_teacher_model") else None
         train_start(self, context)  # the data stream is restored here on resume
         record(event="start", step=context.state.train_state.step, student_vocab=context.state.cfg.model.vocab_size,
-               teacher_vocab=getattr(context.state.cfg.model.teacher, "vocab_size", None),
+               teacher_vocab=getattr(getattr(context.state.cfg.model, "teacher", None), "vocab_size", None),
                student_rows=student_rows,
-               teacher_rows=teacher.embedding.word_embeddings.weight.shape[0] if teacher is not None else None,
+               teacher_rows=teacher.embedding.word_embeddings.weight.shape[0] if hasattr(teacher, "embedding") else None,
                stream=context.state.cfg.dataset.source.state_dict())
+
+    def on_train_step_start(self, context):
+        step_start(self, context)  # reads the step's micro-batches into the buffer on the ranks that read data
+        path = os.environ.get("BRIDGE_SUITE_RECORD")
+        buffer = getattr(context.state.cfg.dataset, "stream", None)
+        if path and buffer is not None and not getattr(self, "_batches_saved", False):
+            import torch
+            import torch.distributed as dist
+
+            torch.save(list(buffer._batches), batches_path(path, dist.get_rank()))
+            self._batches_saved = True
 
     def on_train_step_end(self, context):
         loss = {key: float(value) for key, value in (context.loss_dict or {}).items()}
-        record(event="step", step=context.state.train_state.step, loss=loss)
+        grad_norm = None if context.grad_norm is None else float(context.grad_norm)
+        record(event="step", step=context.state.train_state.step, loss=loss, grad_norm=grad_norm)
         step_end(self, context)
 
-    def export_student(context, partial, final):
-        out = export(context, partial, final)
-        record(event="export", step=context.state.train_state.step, path=str(final))
+    def export_student(*args):  # (context, partial, final); older trees passed other leading arguments
+        out = export(*args)
+        step = args[0].state.train_state.step if hasattr(args[0], "state") else None
+        record(event="export", step=step, path=str(args[-1]))
         return out
 
     callback.on_train_start, callback.on_train_step_end = on_train_start, on_train_step_end
+    callback.on_train_step_start = on_train_step_start
     bridge.export_student = export_student
 
 
