@@ -68,6 +68,10 @@ RECIPES: dict[str, Recipe] = {
     "qwen2p5_math_7b_self": Recipe("recipes.qwen2p5_math:qwen2p5_math_7b_self_distill_8gpu_h100_bf16_config",
                                    "self-distillation of Qwen2.5-Math-7B-Instruct (stage rkl, --teacher "
                                    "self[:initial]); Bridge, 1 node of 8 H100 (TP2, DP4)"),
+    "qwen3_235b_a22b_served_to_8b": Recipe(
+        "recipes.frontier:qwen3_235b_a22b_served_to_8b_paced_8gpu_h100_bf16_config",
+        "frontier teacher outside the job (vLLM on its own nodes) -> Qwen3-8B; Bridge, student only, 1 node of 8 "
+        "H100 (TP2, DP4); fkl from --teacher-cache, rkl against --teacher-service"),
 }
 
 
