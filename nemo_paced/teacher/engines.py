@@ -58,6 +58,7 @@ class Scorer(Protocol):
     name: str
     model: str  # the checkpoint (directory or served name)
     vocab_size: int  # size of the distribution the log-probs are normalised over
+    max_tokens: int | None  # longest sequence the engine can score (None: no bound of its own)
     tokenizer: Any
 
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[TopK]:
@@ -67,8 +68,10 @@ class Scorer(Protocol):
         ...
 
 
-def check_request(sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int, vocab_size: int) -> None:
-    """ValueError naming the first bad sequence, position or setting."""
+def check_request(sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int, vocab_size: int,
+                  max_tokens: int | None = None, engine: str = "the teacher") -> None:
+    """ValueError naming the first bad sequence, position or setting. `max_tokens` is a vLLM engine's
+    max_model_len - 1 (see VLLMScorer); `engine` names it in the message."""
     if len(sequences) != len(starts):
         raise ValueError(f"{len(sequences)} sequences but {len(starts)} starts")
     if not 1 <= k <= vocab_size:
@@ -81,6 +84,9 @@ def check_request(sequences: Sequence[Sequence[int]], starts: Sequence[int], k: 
         if bad is not None:
             raise ValueError(f"sequence {i}: token {tokens[bad]} at position {bad} is outside the teacher's "
                              f"vocabulary 0..{vocab_size - 1}")
+        if max_tokens is not None and len(tokens) > max_tokens:
+            raise ValueError(f"sequence {i}: {len(tokens)} tokens, over the {max_tokens} {engine} can score (its "
+                             f"max_model_len {max_tokens + 1}, less the one token it must generate)")
 
 
 def top_k_of(logits, targets, k: int) -> TopK:
@@ -98,6 +104,7 @@ class HFScorer:
     padded tokens; causal attention means a real token never sees the padding after it."""
 
     name = "hf"
+    max_tokens = None  # no bound but the model's positions, which the service's --max-tokens should respect
 
     def __init__(self, model: str, tokenizer: str | None = None, device: str | None = None,
                  dtype: str = "float32", batch_tokens: int = 16384) -> None:
@@ -181,7 +188,9 @@ def _from_prompt_logprobs(positions: Sequence[dict[int, float] | None], tokens: 
 
 class VLLMScorer:
     """In-process `vllm.LLM`: one generate call per batch, one output token each, `prompt_logprobs=k`.
-    vLLM caps prompt log-probs at its `max_logprobs` (default 20): pass max_logprobs >= the largest k."""
+    vLLM caps prompt log-probs at its `max_logprobs` (default 20): pass max_logprobs >= the largest k.
+    The output token vLLM must generate needs a position, so a sequence may hold max_model_len - 1
+    tokens; both bounds are checked here, before vLLM, to say which setting to raise."""
 
     name = "vllm"
 
@@ -189,7 +198,10 @@ class VLLMScorer:
         vllm = _vllm()
         self._llm = vllm.LLM(model=model, tokenizer=tokenizer or model, dtype=dtype, **llm_options)
         self.tokenizer = self._llm.get_tokenizer()
-        self.vocab_size = int(self._llm.llm_engine.model_config.get_vocab_size())
+        config = self._llm.llm_engine.model_config
+        self.vocab_size = int(config.get_vocab_size())
+        self.max_k = self.vocab_size if config.max_logprobs == -1 else int(config.max_logprobs)
+        self.max_tokens = int(config.max_model_len) - 1
         self.model = str(model)
 
     def close(self) -> None:
@@ -199,7 +211,10 @@ class VLLMScorer:
 
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[TopK]:
         vllm = _vllm()
-        check_request(sequences, starts, k, self.vocab_size)
+        check_request(sequences, starts, k, self.vocab_size, self.max_tokens, "the vLLM teacher")
+        if k > self.max_k:
+            raise ValueError(f"k={k} is over the vLLM teacher's max_logprobs {self.max_k} (vllm.LLM's max_logprobs; "
+                             "serve-teacher sets it to --max-k)")
         params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
         outputs = self._llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
         results = []
@@ -213,7 +228,8 @@ class VLLMScorer:
 class OpenAIScorer:
     """A separate `vllm serve`: /v1/completions with the prompt as token ids, one output token and
     vLLM's `prompt_logprobs` extension (the server's --max-logprobs must allow k). `model` is the local
-    directory the server was started from (its tokenizer); `url` the server's base URL."""
+    directory the server was started from (its tokenizer); `url` the server's base URL. vLLM's model
+    list reports its max_model_len: a sequence may hold one token less (see VLLMScorer)."""
 
     name = "openai"
 
@@ -226,7 +242,10 @@ class OpenAIScorer:
         self.vocab_size = int(AutoConfig.from_pretrained(model).vocab_size)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-        self.served_model = served_model or self._post_or_get("GET", "/v1/models")["data"][0]["id"]
+        models = self._post_or_get("GET", "/v1/models")["data"]
+        self.served_model = served_model or models[0]["id"]
+        card = next((m for m in models if m["id"] == self.served_model), {})
+        self.max_tokens = int(card["max_model_len"]) - 1 if card.get("max_model_len") else None
         self.model = str(model)
 
     def close(self) -> None:
@@ -240,12 +259,14 @@ class OpenAIScorer:
         except httpx.TransportError as e:
             raise ConnectionError(f"completions server at {self._http.base_url}: {method} {path}: {e}") from e
         if response.status_code >= 400:
+            hint = (" (start `vllm serve` with --max-logprobs >= the largest k)"
+                    if "prompt_logprobs" in response.text and "max allowed" in response.text else "")
             raise RuntimeError(f"completions server at {self._http.base_url}: {method} {path} failed with HTTP "
-                               f"{response.status_code}: {response.text[:500]}")
+                               f"{response.status_code}: {response.text[:500]}{hint}")
         return response.json()
 
     def score(self, sequences: Sequence[Sequence[int]], starts: Sequence[int], k: int) -> list[TopK]:
-        check_request(sequences, starts, k, self.vocab_size)
+        check_request(sequences, starts, k, self.vocab_size, self.max_tokens, "the completions server")
         body = {"model": self.served_model, "prompt": [list(s) for s in sequences], "max_tokens": 1,
                 "temperature": 0.0, "prompt_logprobs": k}
         choices = sorted(self._post_or_get("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])

@@ -106,6 +106,10 @@ class TeacherService:
             if len(tokens) > self.config.max_tokens:
                 raise RequestError(f"sequences[{i}].tokens", f"{len(tokens)} tokens, over the service's --max-tokens "
                                                            f"{self.config.max_tokens}")
+            if self.scorer.max_tokens is not None and len(tokens) > self.scorer.max_tokens:
+                raise RequestError(f"sequences[{i}].tokens",
+                                   f"{len(tokens)} tokens, over the {self.scorer.max_tokens} the {self.scorer.name} "
+                                   "engine can score (its max_model_len, less the one token it must generate)")
             if not 1 <= start < len(tokens):
                 raise RequestError(f"sequences[{i}].start", f"must lie in 1..{len(tokens) - 1} (a prompt token before "
                                                           f"the response and a response token), got {start}")
@@ -180,7 +184,8 @@ class TeacherService:
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "engine": self.scorer.name, "model": self.scorer.model,
                 "vocab_size": self.scorer.vocab_size, "tokenizer": self.fingerprint, "max_k": self.config.max_k,
-                "max_tokens": self.config.max_tokens, "max_sequences": self.config.max_sequences,
+                "max_tokens": min(self.config.max_tokens, self.scorer.max_tokens or self.config.max_tokens),
+                "max_sequences": self.config.max_sequences,
                 "max_request_bytes": self.config.max_request_bytes,
                 "pending": self._queue.qsize()}
 
