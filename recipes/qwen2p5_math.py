@@ -12,8 +12,8 @@ the context fields and what to do with problems that have none). Optimiser setti
 the distillation recipes (`recipes.bridge_base.paced_container`).
 
 Layout, 1 node: TP=2 (the model has 4 key/value heads, so TP <= 4; TP=2 keeps the all-reduces inside
-NVLink pairs), PP=1 (Bridge's schedule has no hook for the doubled activations of the two passes
-between pipeline stages), DP=4, sequence parallel. Qwen2.5-Math's context is 4096 positions:
+NVLink pairs), PP=1 (the model fits without it; with PP the two passes' hidden states travel between
+stages together and teacher rows get the student's seq_length), DP=4, sequence parallel. Qwen2.5-Math's context is 4096 positions:
 student rows hold prompt + response in seq_length 3072 and teacher rows (prompt with the solution +
 the same response) in 4096; response tokens past that are left out of the loss and counted.
 Per GPU (7.6 B parameters, 3.8 B per TP shard):
