@@ -127,7 +127,9 @@ def _check_run(run, rollout_service, tiny_models, direction, *, steps=4, estimat
     final, start = _model(run.out / "final").state_dict(), _model(tiny_models.student).state_dict()
     assert final.keys() == start.keys() and any(not torch.equal(final[k], start[k]) for k in final)
     reference = _reference_loss(tiny_models.student, tiny_models.teacher, run.first_batches(0), direction, estimator)
-    assert losses[1]["paced kl"] == pytest.approx(reference, rel=1e-4), (losses[1], reference)
+    # measured 5e-6 to 1.4e-5 (fp32 run, fp16 cached rows, float64 reference); the same batches unweighted read
+    # 2.3e-4 off in fkl, the other direction 0.16
+    assert losses[1]["paced kl"] == pytest.approx(reference, rel=5e-5), (losses[1], reference)
     return losses
 
 
