@@ -159,3 +159,31 @@ def test_rkl_with_the_sampled_estimator(bridge_stage, tiny_models, rollout_servi
                                   "--teacher-service", str(teacher_service.address)])
     _check_run(run, rollout_service, tiny_models, "reverse", steps=2, estimator="sampled")
     assert run.first_batches(0)[0]["teacher_ids"].shape[-1] == 1  # only the sampled token's log-prob was asked for
+
+
+def test_bad_settings_and_a_missing_cache_are_named(tiny_models, stage_inputs, tmp_path):
+    from conftest import shimmed_python
+
+    out = shimmed_python(f"""
+from transformers import AutoTokenizer
+from nemo_paced.batches import BatchBuilder
+from nemo_paced.overrides import apply_overrides
+from nemo_paced.problems import load_problems
+from recipes import StageFiles, resolve
+files = StageFiles(init={str(tiny_models.student)!r}, problems={str(stage_inputs.problems)!r},
+                   references={str(stage_inputs.references)!r}, out={str(tmp_path / "out")!r},
+                   teacher_cache={str(tmp_path / "no-cache")!r})
+config = apply_overrides(resolve({RECIPE!r})(stage="rkl", files=files), ["dataset.rkl_estimator=bogus"])
+try:
+    config.dataset.forward_step()
+except ValueError as error:
+    print("estimator:", error)
+dataset = resolve({RECIPE!r})(stage="fkl", files=files).dataset
+builder = BatchBuilder(AutoTokenizer.from_pretrained(files.init), 32)
+try:
+    dataset.reference_collate(load_problems(files.problems), builder)
+except ValueError as error:
+    print("cache:", error)
+""")
+    assert "estimator: dataset.rkl_estimator must be one of topk, sampled, got 'bogus'" in out, out
+    assert f"cache: {tmp_path / 'no-cache'}: no index.json: not a teacher cache" in out, out
