@@ -7,8 +7,8 @@ import torch
 from dataclasses import replace
 
 from nemo_paced.demo.experiment import QUICK
-from nemo_paced.demo.self_distillation import (SELF_METHODS, SelfDistillationConfig, instruction_tuned_student,
-                                               run_self_distillation, summary)
+from nemo_paced.demo.self_distillation import (SELF_METHODS, SelfDistillationConfig, format_summary,
+                                               instruction_tuned_student, run_self_distillation, summary)
 from nemo_paced.tasks import ChainTask
 from nemo_paced.tiny_models import PretrainConfig
 
@@ -62,3 +62,26 @@ def test_comparison_runs_every_method_on_the_same_budget(cache, tmp_path):
     block = summary(comparison)
     assert set(block["methods"]) == set(SELF_METHODS)
     assert {(p["a"], p["b"]) for p in block["paired"]} == {("self_paced", "self_uniform"), ("self_paced", "self_filter")}
+    text = format_summary(block)  # what `nemo-paced demo --self-distillation` prints
+    flops = {m: block["methods"][m]["compute"]["mean"]["total_flops"] for m in SELF_METHODS}
+    assert all(f > 0 for f in flops.values())
+    rows = {line.split()[0]: line for line in text.splitlines() if line.split()[:1] and line.split()[0] in flops}
+    for method in SELF_METHODS:  # each method's compute row ends with its FLOPs over unweighted's
+        assert rows[method].endswith(f"{flops[method] / flops['self_uniform']:.2f}x")
+    assert "self_paced - self_uniform" in text
+
+
+def test_only_weighted_methods_refresh_pass_rates():
+    """Unweighted self-distillation never reads pass rates, so it must not pay for refreshing them
+    (the first 5-seed run charged it 626k estimation tokens it did not use)."""
+    from nemo_paced.demo.experiment import DemoConfig
+    from nemo_paced.demo.self_distillation import self_method_schedule
+
+    config = DemoConfig()
+    for method in SELF_METHODS:
+        schedule = self_method_schedule(method, config)
+        assert schedule.switch_step == 0 and schedule.total_steps == config.steps  # reverse KL throughout
+        refreshes = [s for s in range(config.steps) if schedule.reestimate_before(s)]
+        expected = [] if method == "self_uniform" else list(range(config.refresh_every, config.steps,
+                                                                   config.refresh_every))
+        assert refreshes == expected, method

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "OUT/self/report.json")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes the training runs are spread over (default: 2, or 1 on a one-core "
-                             "machine; results do not depend on it)")
+                             "machine; results do not depend on it; --self-distillation runs them in turn)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(handler=demo)
 
@@ -89,15 +89,15 @@ def demo(args: argparse.Namespace) -> int:
 
     if args.self_distillation:
         from nemo_paced.atomic import atomic_write_json
-        from nemo_paced.demo.report import format_paired, machine
-        from nemo_paced.demo.self_distillation import run_self_distillation, summary
+        from nemo_paced.demo.report import machine
+        from nemo_paced.demo.self_distillation import format_summary, run_self_distillation, summary
 
         block = {"machine": machine(), **summary(run_self_distillation(config, args.out / "self", args.cache,
                                                                        progress=not args.no_progress))}
         atomic_write_json(args.out / "self" / "report.json", block)
         print()
-        print(format_paired(block["paired"]))
-        print(f"report: {args.out / 'self' / 'report.json'}")
+        print(format_summary(block))
+        print(f"report: {args.out / 'self' / 'report.json'} ({block['seconds']:.0f} s)")
         return 0
 
     from nemo_paced.demo.plots import write_plots

@@ -15,9 +15,11 @@ loss falling to 0 as its outputs stopped depending on the prompt and every pass 
   self_uniform   unweighted reverse KL
   self_filter    hard filter 0.2 < p < 0.8
 Every method starts from the same student, trains on the same response tokens per step (the main
-demo's budget), with the same seeds, refreshes pass rates every `refresh_every` steps (from the
-on-policy samples' scores too), and is evaluated like the main demo's methods. Runs have the shape of
-`experiment.run_method`'s, so `report.method_summary` and `report.paired_rows` apply to them.
+demo's budget), with the same seeds, and is evaluated like the main demo's methods; the weighted ones
+refresh pass rates every `refresh_every` steps (from the on-policy samples' scores too), while the
+unweighted one, like the main demo's, neither refreshes nor is charged for the starting estimate.
+Runs have the shape of `experiment.run_method`'s, so `report.method_summary` and `report.paired_rows`
+apply to them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from nemo_paced.schedule import TwoStageSchedule
 from nemo_paced.self_teacher import SelfTeacherConfig
 from nemo_paced.tasks import ChainTask
 from nemo_paced.tiny_models import build_model, cache_key, pretrain
-from nemo_paced.weighting import WeightConfig
+from nemo_paced.weighting import WeightConfig, WeightMode
 
 SELF_METHODS = ("self_paced", "self_uniform", "self_filter")
 SELF_COMPARISONS = (("self_paced", "self_uniform"), ("self_paced", "self_filter"))
@@ -73,6 +75,13 @@ def self_method_weighting(method: str) -> WeightConfig:
     if method == "self_filter":
         return WeightConfig(mode="filter", band=(0.2, 0.8))
     raise ValueError(f"unknown self-distillation method {method!r}; choose from {', '.join(SELF_METHODS)}")
+
+
+def self_method_schedule(method: str, config: DemoConfig) -> TwoStageSchedule:
+    """Reverse KL for every step; pass rates refreshed every `refresh_every` steps only for the methods
+    that weight by them (unweighted self-distillation would pay for estimates it never reads)."""
+    refresh = 0 if self_method_weighting(method).mode is WeightMode.UNIFORM else config.refresh_every
+    return TwoStageSchedule(config.steps, 0.0, refresh_every=refresh)
 
 
 class _HintedTask:
@@ -137,7 +146,7 @@ def run_self_method(setting: Setting, self_config: SelfDistillationConfig, metho
             seq_length=config.task.prompt_width + prepared.max_tokens, eval_every=config.eval_every,
             eval_samples=config.eval_samples, rkl_sync_every=config.rkl_sync_every,
             checkpoint_every=max(config.steps // 2, 1), seed=seed, final_estimate=False, progress=progress,
-            schedule=TwoStageSchedule(config.steps, 0.0, refresh_every=config.refresh_every),
+            schedule=self_method_schedule(method, config),
             weighting=self_method_weighting(method), self_teacher=self_config.self_teacher))
         if result["status"] == "preempted":
             raise SystemExit(f"stopped by a signal during {method} seed {seed} (checkpoint in {run_dir})")
@@ -199,3 +208,32 @@ def summary(comparison: dict[str, Any]) -> dict[str, Any]:
     return {"student": comparison["student"], "settings": comparison["config"], "start": start, "methods": methods,
             "paired": paired_rows(methods, SELF_COMPARISONS), "seconds": comparison["seconds"]}
 
+
+
+def format_summary(block: dict[str, Any]) -> str:
+    """The terminal report: accuracy per benchmark (mean ± std over seeds), the paired differences,
+    and each method's compute (tokens and FLOPs, against unweighted self-distillation)."""
+    from nemo_paced.demo.compute import FORMULA
+    from nemo_paced.demo.report import format_paired
+
+    start, methods = block["start"], block["methods"]
+    benchmarks = list(start["accuracy"])
+    head = f"{'method':<14}" + "".join(f"{b:>12}" for b in benchmarks)
+    lines = [head, "-" * len(head), f"{'start':<14}" + "".join(f"{start['accuracy'][b]:>12.1f}" for b in benchmarks)]
+    for name, m in methods.items():
+        lines.append(f"{name:<14}" + "".join(f"{m['final'][b]['mean']:>6.1f} ± {m['final'][b]['std']:<3.1f}"
+                                             for b in benchmarks))
+    seeds = next(iter(methods.values()))["final"]["mean"]["n"]
+    se = max(v["mean"] for m in methods.values() for v in m["eval_se"].values())
+    lines += [f"accuracy (%); ± is the std over {seeds} seed(s); largest evaluation SE of a run's mean: {se:.2f}", "",
+              format_paired(block["paired"]), "", f"compute per run (mean over seeds); {FORMULA}",
+              f"{'method':<14}{'train tok':>11}{'teacher tok':>12}{'estim tok':>11}{'on-pol tok':>11}"
+              f"{'total GFLOP':>13}{'vs unweighted':>15}"]
+    base = methods["self_uniform"]["compute"]["mean"]["total_flops"] if "self_uniform" in methods else None
+    for name, m in methods.items():
+        c = m["compute"]["mean"]
+        ratio = f"{c['total_flops'] / base:>14.2f}x" if base else ""
+        lines.append(f"{name:<14}{c['training_tokens']:>11.0f}{c['teacher_tokens']:>12.0f}"
+                     f"{c['estimation_tokens']:>11.0f}{c['onpolicy_tokens']:>11.0f}"
+                     f"{c['total_flops'] / 1e9:>13.2f}{ratio}")
+    return "\n".join(lines)
