@@ -1,7 +1,8 @@
 """The student-only recipe (`qwen3_235b_a22b_served_to_8b`, recipes/frontier.py) under Bridge's real
 `pretrain()` at TP=2: the teacher never enters the job. Stage fkl reads the top-k cache that the real
 `nemo-paced teacher-cache` wrote from the suite's tiny teacher; stage rkl has its on-policy samples
-scored by the real `nemo-paced serve-teacher` on loopback.
+scored by the real `nemo-paced serve-teacher` on loopback. Stage fkl also runs at PP=2, where the last
+pipeline stage reads the teacher rows with its micro-batches.
 
 Each launch checks: the model built holds no teacher, finite losses that both TP ranks agree on, the
 refresh exports the rollout service reloads, a final export that loads in transformers; and step 1's
@@ -187,3 +188,17 @@ except ValueError as error:
 """)
     assert "estimator: dataset.rkl_estimator must be one of topk, sampled, got 'bogus'" in out, out
     assert f"cache: {tmp_path / 'no-cache'}: no index.json: not a teacher cache" in out, out
+
+
+def test_fkl_from_the_cache_at_pp2(bridge_stage, tiny_models, teacher_cache, tmp_path):
+    run = bridge_stage(tmp_path / "pp2", "fkl", recipe=RECIPE, nproc=2,
+                       overrides=["model.tensor_model_parallel_size=1", "model.sequence_parallel=false",
+                                  "model.pipeline_model_parallel_size=2", "train.train_iters=2",
+                                  "--teacher-cache", str(teacher_cache)])
+    assert run.code == 0, run.log[-6000:]
+    last = 1  # the last pipeline stage logs the loss and reads the teacher rows with its batches
+    losses = run.steps(last)
+    assert sorted(losses) == [1, 2]
+    reference = _reference_loss(tiny_models.student, tiny_models.teacher, run.first_batches(last), "forward")
+    assert losses[1]["paced kl"] == pytest.approx(reference, rel=5e-5), (losses[1], reference)
+    assert _model(run.out / "final").config.num_hidden_layers == 2  # gathered from both stages
