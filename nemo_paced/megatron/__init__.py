@@ -9,7 +9,9 @@
 - `publish`: atomic publication of exported student checkpoints for the rollout service.
 - `resume`: the data stream's state saved beside Megatron checkpoints and restored on resume.
 - `bridge`: Megatron Bridge glue (providers, the refresh callback, the training entry); Bridge is
-  imported only there, and only when called.
+  imported only there (and in `bridge_frontier`), and only when called.
+- `bridge_frontier`: the student-only data source for a teacher outside the job (its top-k from the
+  teacher cache or the teacher service) and its `TopKTeacherStep`.
 
 Submodules are imported explicitly (`from nemo_paced.megatron.step import PacedForwardStep`), so
 importing this package stays free of megatron imports.
