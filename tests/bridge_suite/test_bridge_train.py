@@ -3,7 +3,8 @@ exports the rollout service reloads, the final Hugging Face export, a preempted 
 and the parameter sync before mid-run exports with the distributed optimizer (DP=2).
 
 Each test is one or two torchrun launches; each checks several behaviours of the same run. The
-comments name the finding of issue 11 a check proves (each failed on the code before its fix).
+comments name the finding of issue 11 a check proves (each failed on the code before its fix, except
+the DP=2 parameter sync: on CPU nothing is stale at a refresh export, docs/bridge.md).
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def test_rkl_stage_stopped_by_usr1_exits_75_and_resumes_the_same_stream(bridge_s
 def test_mid_run_export_with_distributed_optimizer_is_synced(bridge_stage, tmp_path):
     # Finding 4: with the distributed optimizer and overlapped param all-gather (both on in the base
     # recipe), the refresh export at the last step equals the final export, made after Bridge's own
-    # parameter sync; without the sync, the half of the parameters owned by the other DP rank is stale.
+    # parameter sync; without the sync, the half of the parameters owned by the other DP rank would be
+    # stale. Under gloo on CPU they are already current at that point (measured, docs/bridge.md), so this
+    # passes without the sync too: a guard for GPU runs, not failing-first evidence.
     run = bridge_stage(tmp_path / "dp2", "fkl", nproc=2,
                        overrides=["optimizer.use_distributed_optimizer=true", "ddp.overlap_param_gather=true",
                                   "ddp.overlap_grad_reduce=true", "model.sequence_parallel=false"])
