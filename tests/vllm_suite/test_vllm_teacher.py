@@ -50,8 +50,9 @@ def teacher(tmp_path_factory):
     return str(path), hf, sequences, starts
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def vllm_scorer(teacher):
+    """In-process vLLM, released before the `vllm serve` tests start theirs."""
     scorer = create_scorer("vllm", teacher[0], dtype="float32", enforce_eager=True, max_model_len=MAX_LEN,
                            max_logprobs=MAX_K, kv_cache_memory_bytes=64 << 20)
     yield scorer
@@ -100,26 +101,29 @@ def check_span(results, path, sequences, starts):
             assert result.ids[row, 0] == exact[position - 1].argmax().item()
 
 
-def test_vllm_scorer_equals_hf_up_to_max_logprobs(teacher, vllm_scorer):
-    path, hf, sequences, starts = teacher
-    assert vllm_scorer.vocab_size == hf.vocab_size == 17
-    for k in (1, 5, MAX_K):  # k=1: the actual token is mostly outside the top-k (vLLM returns k+1 entries)
-        got = vllm_scorer.score(sequences, starts, k)
-        assert_same_topk(got, hf.score(sequences, starts, k))
-    check_span(got, path, sequences, starts)
-    assert_same_topk(vllm_scorer.score(sequences[1:2], starts[1:2], 3), hf.score(sequences[1:2], starts[1:2], 3))
+class TestInProcessVLLM:
+    """The `vllm` scorer: one `vllm.LLM` in this process."""
 
+    def test_equals_hf_up_to_max_logprobs(self, teacher, vllm_scorer):
+        path, hf, sequences, starts = teacher
+        assert vllm_scorer.vocab_size == hf.vocab_size == 17
+        for k in (1, 5, MAX_K):  # k=1: the actual token is mostly outside the top-k (vLLM returns k+1 entries)
+            got = vllm_scorer.score(sequences, starts, k)
+            assert_same_topk(got, hf.score(sequences, starts, k))
+        check_span(got, path, sequences, starts)
+        again = vllm_scorer.score(sequences[1:2], starts[1:2], 3)  # its prompt now in vLLM's prefix cache
+        assert_same_topk(again, hf.score(sequences[1:2], starts[1:2], 3))
 
-def test_vllm_scorer_refuses_what_vllm_cannot_score_by_name(teacher, vllm_scorer):
-    path, hf, sequences, starts = teacher
-    with pytest.raises(ValueError, match=f"k={MAX_K + 1} is over the vLLM teacher's max_logprobs {MAX_K}"):
-        vllm_scorer.score(sequences, starts, MAX_K + 1)
-    longest = [4] * (MAX_LEN - 1)  # vLLM needs a free position for the one token it must generate
-    too_long = [4] * MAX_LEN
-    with pytest.raises(ValueError, match=f"sequence 1: {MAX_LEN} tokens, over the {MAX_LEN - 1} the vLLM teacher "
-                                         f"can score \\(its max_model_len {MAX_LEN}"):
-        vllm_scorer.score([longest, too_long], [1, 1], 2)
-    assert_same_topk(vllm_scorer.score([longest], [MAX_LEN - 3], 2), hf.score([longest], [MAX_LEN - 3], 2))
+    def test_refuses_what_vllm_cannot_score_by_name(self, teacher, vllm_scorer):
+        _, hf, sequences, starts = teacher
+        with pytest.raises(ValueError, match=f"k={MAX_K + 1} is over the vLLM teacher's max_logprobs {MAX_K}"):
+            vllm_scorer.score(sequences, starts, MAX_K + 1)
+        longest = [4] * (MAX_LEN - 1)  # vLLM needs a free position for the one token it must generate
+        too_long = [4] * MAX_LEN
+        with pytest.raises(ValueError, match=f"sequence 1: {MAX_LEN} tokens, over the {MAX_LEN - 1} the vLLM teacher "
+                                             f"can score \\(its max_model_len {MAX_LEN}"):
+            vllm_scorer.score([longest, too_long], [1, 1], 2)
+        assert_same_topk(vllm_scorer.score([longest], [MAX_LEN - 3], 2), hf.score([longest], [MAX_LEN - 3], 2))
 
 
 def test_openai_scorer_on_vllm_serve_equals_hf(teacher, vllm_server):
