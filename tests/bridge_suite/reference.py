@@ -29,7 +29,7 @@ class Reference:
 def _model(path: Path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float64).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
 
 
 def _per_token_kl(student: torch.Tensor, teacher: torch.Tensor, direction: str) -> torch.Tensor:
@@ -68,5 +68,5 @@ def paced_step(teacher_dir: Path, student_dir: Path, batches: list[dict], direct
     loss = weighted / weight_sum
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in student.parameters() if p.grad is not None))
-    return Reference(loss=float(loss), unweighted=sum(means) / len(means), grad_norm=float(grad_norm),
+    return Reference(loss=float(loss.detach()), unweighted=sum(means) / len(means), grad_norm=float(grad_norm),
                      nemo_paced_loss=float(ours / our_weight), weights=weights)

@@ -22,7 +22,7 @@ TEACHER_SPLIT = ["model.teacher.num_layers_in_first_pipeline_stage=2",
 def _loads(path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert model.config.num_hidden_layers == 2
 
 
