@@ -81,7 +81,8 @@ def _instrument() -> None:
         record(event="start", step=context.state.train_state.step, student_vocab=context.state.cfg.model.vocab_size,
                teacher_vocab=getattr(getattr(context.state.cfg.model, "teacher", None), "vocab_size", None),
                student_rows=student_rows,
-               teacher_rows=teacher.embedding.word_embeddings.weight.shape[0] if hasattr(teacher, "embedding") else None,
+               teacher_rows=(teacher.embedding.word_embeddings.weight.shape[0]
+                             if hasattr(teacher, "embedding") else None),  # no teacher, or the last pipeline stage
                stream=context.state.cfg.dataset.source.state_dict())
 
     def on_train_step_start(self, context):

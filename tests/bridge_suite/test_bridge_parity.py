@@ -39,8 +39,8 @@ def check_step_one(run, tiny_models, direction: str, rank: int = 0, init=None) -
 
 
 def test_fkl_loss_and_grad_norm_at_tp2_match_the_float64_reference(bridge_stage, tiny_models, tmp_path):
-    run = bridge_stage(tmp_path / "fkl", "fkl", nproc=2, overrides=["model.tensor_model_parallel_size=2",
-                                                                    "train.train_iters=1", "dataset.refresh_every=1000"])
+    one_step = ["model.tensor_model_parallel_size=2", "train.train_iters=1", "dataset.refresh_every=1000"]
+    run = bridge_stage(tmp_path / "fkl", "fkl", nproc=2, overrides=one_step)
     assert run.code == 0, run.log[-6000:]
     batches = run.first_batches(0)
     assert len(batches) == 4  # global batch 4, micro-batch 1, DP=1
