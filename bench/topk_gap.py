@@ -21,8 +21,9 @@ teacher is the exact per-token KL(teacher || student) over the whole vocabulary 
 references for the test problems. Paired differences (arm - full) over seeds use the demo's
 statistics (`nemo_paced.demo.stats.paired_difference`).
 
-    .venv/bin/python bench/topk_gap.py                 # 3 seeds, both tails (about 20 CPU-minutes)
-    .venv/bin/python bench/topk_gap.py --quick         # smoke run: 1 seed, few steps
+    .venv/bin/python bench/topk_gap.py                   # 3 seeds, both tails (~30 min on 2 busy cores)
+    .venv/bin/python bench/topk_gap.py --tails bucket    # the bucket tail only
+    .venv/bin/python bench/topk_gap.py --quick           # smoke run: 1 seed, k = 16, 10 steps
 
 Writes OUT/report.json and prints the tables.
 """
@@ -263,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="training steps per run (default 150)")
     parser.add_argument("--tails", nargs="+", choices=["bucket", "renormalize"],
                         help="top-k tails to train with (default both)")
-    parser.add_argument("--out", type=Path, default=Path("runs/topk_gap"))
-    parser.add_argument("--cache", type=Path, default=Path(".cache/nemo-paced"))
+    parser.add_argument("--out", type=Path, default=Path("runs/topk_gap"),
+                        help="output directory, emptied first (default runs/topk_gap)")
+    parser.add_argument("--cache", type=Path, default=Path(".cache/nemo-paced"),
+                        help="where the pretrained teacher and student are kept (default .cache/nemo-paced)")
     args = parser.parse_args(argv)
     import logging
 
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_paced.references import ReferenceBatches, ReferenceConfig, load_references, make_references
     from nemo_paced.batches import BatchBuilder
     from nemo_paced.rollout.engines.hf import HFEngine
-    from nemo_paced.teacher.cache import CacheConfig, Item, build_cache, reference_items
+    from nemo_paced.teacher.cache import CacheConfig, build_cache, reference_items
     from nemo_paced.teacher.engines import HFScorer, tokenizer_fingerprint
 
     teacher, student = (pretrained(config, name, args.cache) for name in ("teacher", "student"))
@@ -383,7 +386,9 @@ def format_report(report: dict[str, Any]) -> str:
              "",
              "| arm | accuracy (%) | − full (95 % t) | KL to teacher | − full (95 % t) | seeds above full |",
              "|---|---|---|---|---|---|"]
-    for name, entry in report["summary"].items():
+    order = ["full"] + [f"{tail} k={k}" for tail in config["tails"] for k in config["ks"]]
+    for name in [n for n in order if n in report["summary"]]:  # the report's JSON keys are sorted
+        entry = report["summary"][name]
         if name == "full":
             lines.append(f"| full vocabulary | {entry['accuracy']:.1f}±{entry['accuracy_sd']:.1f} | | "
                          f"{entry['kl']:.4f} | | |")
