@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from recipes import RECIPES, UnknownRecipe, resolve
+from recipes.frontier import STUDENT_LAYOUT
+from recipes.qwen2p5_math import SELF_LAYOUT
 from recipes.qwen3 import FRONTIER_LAYOUT, PAIR_LAYOUT, Layout
 
 HAS_BRIDGE = importlib.util.find_spec("megatron.bridge") is not None
@@ -116,3 +118,18 @@ def test_the_stage_files_reach_the_recipe_config_and_overrides_apply_after():
     bad = subprocess.run([sys.executable, "-m", "nemo_paced", "train", "--recipe", "tiny_cpu", "--stage", "fkl",
                           "--split", "1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "split must lie strictly between 0 and 1" in bad.stderr
+
+
+QWEN2P5_MATH_7B = dict(num_layers=28, hidden_size=3584, num_attention_heads=28, num_query_groups=4,
+                       ffn_hidden_size=18944)
+
+
+@pytest.mark.parametrize("layout,student", [
+    (SELF_LAYOUT, QWEN2P5_MATH_7B),
+    (STUDENT_LAYOUT, QWEN3_8B),
+], ids=["qwen2p5_math_7b_self", "qwen3_235b_a22b_served_to_8b"])
+def test_student_only_layouts_pass_megatron_validation(layout, student):
+    """The self-distillation and served-teacher recipes hold only the student: its layout alone must validate."""
+    config = _checked(student, layout, layout.student_stage_layers)
+    assert config.num_query_groups % config.tensor_model_parallel_size == 0
+    assert config.num_layers % config.pipeline_model_parallel_size == 0 and config.context_parallel_size == 1
