@@ -14,15 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-JOBS = REPO / "launch" / "jobs"
-
-STUB = """#!/usr/bin/env bash
-printf '%s\\n' "$(basename "$0") $*" >> "$CALLS"
-"""
-SCONTROL = """#!/usr/bin/env bash
-[ "$1 $2" = "show hostnames" ] && printf 'gpu-a\\ngpu-b\\n'
-"""
+from launch_stubs import JOBS, STUB, install_stubs, nemo_run_launcher, option, run_on_two_nodes, scontrol
 
 
 def run_job(tmp_path: Path, **settings: str) -> list[list[str]]:
@@ -35,10 +27,7 @@ def run_job(tmp_path: Path, **settings: str) -> list[list[str]]:
                 "PACED_SERVICE_WAIT": "900", **settings}
     (run / "chain.env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env_vars.items()))
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", STUB), ("scontrol", SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    install_stubs(bin_dir, {"srun": STUB, "scontrol": scontrol("gpu-a", "gpu-b")})
     calls = tmp_path / "calls"
     result = subprocess.run(["bash", str(run / "launch" / "rollouts.sbatch"), str(run), "rollouts"],
                             capture_output=True, text=True, timeout=60,
@@ -46,15 +35,6 @@ def run_job(tmp_path: Path, **settings: str) -> list[list[str]]:
                                  "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_ID": "42"})
     assert result.returncode == 0, result.stderr
     return [line.split() for line in calls.read_text().splitlines()]
-
-
-def option(call: list[str], name: str) -> str:
-    for i, arg in enumerate(call):
-        if arg == name:
-            return call[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    raise AssertionError(f"{name} not in {call}")
 
 
 def test_two_nodes_of_four_gpus_run_one_data_parallel_deployment_behind_the_service(tmp_path):
@@ -89,32 +69,13 @@ def test_one_gpu_keeps_the_in_process_engine(tmp_path):
 def test_nemo_run_rollouts_task_starts_the_same_deployment_on_every_node(tmp_path):
     """launch/nemo_run_paced.py: the task script runs once per node; node 0 serves the API and the
     service, the others run headless engines."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("nemo_run_paced", REPO / "launch" / "nemo_run_paced.py")
-    module = sys.modules["nemo_run_paced"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = nemo_run_launcher()
     cfg, _ = module.parse_args(["tiny_cpu", "--problems", "/d/p.jsonl", "--teacher", "/m/t", "--student", "/m/s",
                                 "--benchmarks", "/d/b.jsonl", "--run-dir", str(tmp_path / "run"),
                                 "--rollout-nodes", "2", "--rollout-gpus", "2", "--service-host", "10.0.0.7"])
     script = module.commands(cfg)["rollouts"]
     (tmp_path / "run").mkdir()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stubs = {"vllm": STUB, "nemo-paced": STUB, "scontrol": SCONTROL,
-             "getent": "#!/usr/bin/env bash\necho \"10.0.0.1 $2\"\n"}
-    for name, text in stubs.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    calls = {}
-    for node in ("0", "1"):
-        calls[node] = tmp_path / f"calls{node}"
-        subprocess.run(["bash", "-c", script + "\nwait"], check=True, timeout=60,
-                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls[node]),
-                            "SLURM_NODEID": node, "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_ID": "7"})
-    head = [line.split() for line in calls["0"].read_text().splitlines()]
-    other = [line.split() for line in calls["1"].read_text().splitlines()]
+    head, other = run_on_two_nodes(script, tmp_path)
     vllm_head = next(c for c in head if c[0] == "vllm")
     service = next(c for c in head if c[0] == "nemo-paced")
     assert [c[0] for c in other] == ["vllm"] and "--headless" in other[0]

@@ -7,23 +7,14 @@ runs here under the same stubs.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-JOBS = REPO / "launch" / "jobs"
+from launch_stubs import JOBS, REPO, STUB, install_stubs, nemo_run_launcher, option, run_on_two_nodes, scontrol
 
-STUB = """#!/usr/bin/env bash
-printf '%s\\n' "$(basename "$0") $*" >> "$CALLS"
-"""
-SCONTROL = """#!/usr/bin/env bash
-[ "$1 $2" = "show hostnames" ] && printf 'gpu-a\\ngpu-b\\ngpu-c\\n'
-"""
 CURL = """#!/usr/bin/env bash
 printf '%s\\n' "curl $*" >> "$CALLS"
 echo 'nemo_paced_teacher_tokens_total 12'
@@ -40,11 +31,9 @@ def run_job(tmp_path: Path, script: str, stage: str, *args: str, **settings: str
                 "PACED_TEACHER_ENGINE": "vllm", "PACED_TEACHER_K": "64", "PACED_SERVICE_WAIT": "5", **settings}
     (run / "chain.env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env_vars.items()))
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", STUB), ("scancel", STUB), ("scontrol", SCONTROL), ("curl", CURL),
-                       ("squeue", "#!/usr/bin/env bash\necho RUNNING\n")):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    hosts = scontrol("gpu-a", "gpu-b", "gpu-c")
+    install_stubs(bin_dir, {"srun": STUB, "scancel": STUB, "curl": CURL, "scontrol": hosts,
+                            "squeue": "#!/usr/bin/env bash\necho RUNNING\n"})
     calls = tmp_path / "calls"
     calls.unlink(missing_ok=True)
     result = subprocess.run(["bash", str(run / "launch" / script), str(run), stage, *args],
@@ -53,15 +42,6 @@ def run_job(tmp_path: Path, script: str, stage: str, *args: str, **settings: str
                                  "SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_JOB_ID": "42"})
     assert result.returncode == 0, result.stderr
     return [line.split() for line in calls.read_text().splitlines()]
-
-
-def option(call: list[str], name: str) -> str:
-    for i, arg in enumerate(call):
-        if arg == name:
-            return call[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    raise AssertionError(f"{name} not in {call}")
 
 
 def this_host() -> str:
@@ -158,30 +138,14 @@ def test_finish_saves_the_teacher_metrics_and_stops_both_services(tmp_path):
 
 
 def test_nemo_run_teacher_task_starts_the_same_deployment_on_every_node(tmp_path):
-    spec = importlib.util.spec_from_file_location("nemo_run_paced", REPO / "launch" / "nemo_run_paced.py")
-    module = sys.modules["nemo_run_paced"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = nemo_run_launcher()
     run = tmp_path / "run"
     cfg, _ = module.parse_args(["tiny_cpu", "--problems", "/d/p.jsonl", "--teacher", "/m/t", "--student", "/m/s",
                                 "--benchmarks", "/d/b.jsonl", "--run-dir", str(run), "--teacher-engine", "vllm",
                                 "--teacher-nodes", "2", "--teacher-gpus", "4", "--teacher-args", "--max-k 32"])
     script = module.commands(cfg)["teacher"]
     run.mkdir()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stubs = {"vllm": STUB, "nemo-paced": STUB, "scontrol": SCONTROL,
-             "getent": "#!/usr/bin/env bash\necho \"10.0.0.1 $2\"\n"}
-    for name, text in stubs.items():
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    calls = {}
-    for node in ("0", "1"):
-        calls[node] = tmp_path / f"calls{node}"
-        subprocess.run(["bash", "-c", script + "\nwait"], check=True, timeout=60,
-                       env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls[node]),
-                            "SLURM_NODEID": node, "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_ID": "7"})
-    head = [line.split() for line in calls["0"].read_text().splitlines()]
-    other = [line.split() for line in calls["1"].read_text().splitlines()]
+    head, other = run_on_two_nodes(script, tmp_path)
     vllm_head = next(c for c in head if c[0] == "vllm")
     service = next(c for c in head if c[0] == "nemo-paced")
     assert [c[0] for c in other] == ["vllm"] and "--headless" in other[0]
@@ -210,9 +174,7 @@ def test_references_go_through_the_teachers_own_server_with_the_openai_engine(tm
 
 
 def test_nemo_run_references_use_the_same_server_and_no_gpus():
-    spec = importlib.util.spec_from_file_location("nemo_run_paced", REPO / "launch" / "nemo_run_paced.py")
-    module = sys.modules["nemo_run_paced"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = nemo_run_launcher()
     args = ["tiny_cpu", "--problems", "/d/p.jsonl", "--teacher", "/m/t", "--student", "/m/s", "--benchmarks",
             "/d/b.jsonl", "--run-dir", "/r", "--teacher-gpus", "8"]
     cfg, _ = module.parse_args([*args, "--teacher-engine", "openai", "--teacher-args",
