@@ -62,6 +62,23 @@ def _layer_offset(config) -> int:
     return ps.get_pipeline_model_parallel_rank() * (config.num_layers // config.pipeline_model_parallel_size)
 
 
+def gathered_grads(params: dict[str, torch.nn.Parameter], config) -> dict[str, torch.Tensor]:
+    """Gradients (`main_grad`) by global parameter name, tensor-parallel shards gathered."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tp, offset = ps.get_tensor_model_parallel_world_size(), _layer_offset(config)
+    grads = {}
+    for name, param in params.items():
+        grad = param.main_grad.detach().clone()
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            parts = [torch.empty_like(grad) for _ in range(tp)]
+            dist.all_gather(parts, grad.contiguous(), group=ps.get_tensor_model_parallel_group())
+            grad = torch.cat(parts, param.partition_dim)
+        grads[_global_name(name, offset)] = grad
+    return grads
+
+
 def load_master_weights(model, seed: int, gain: float) -> None:
     """Give every parameter a value that depends only on its global name, then take this rank's shard,
     so all layouts hold the same model as the TP=1, PP=1 reference."""
@@ -120,7 +137,7 @@ class Harness:
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
             tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        self.ps, self.tp = ps, tp
+        self.ps = ps
         self.teacher = gpt(TEACHER, seed=2, gain=3.0, tp=tp, pp=pp)
         self.kd = distillation_model(gpt(STUDENT, seed=1, gain=1.0, tp=tp, pp=pp), self.teacher, stage)
         self.kd.config.finalize_model_grads_func = finalize_model_grads
@@ -149,19 +166,7 @@ class Harness:
                 self.ddp, seq_length=SEQ, micro_batch_size=micro, decoder_seq_length=SEQ))
 
     def full_grads(self) -> dict[str, torch.Tensor]:
-        """Student gradients by global name, TP shards gathered (complete on TP rank 0)."""
-        import torch.distributed as dist
-
-        offset = _layer_offset(self.kd.config)
-        grads = {}
-        for name, param in self.student_params.items():
-            grad = param.main_grad.detach().clone()
-            if getattr(param, "tensor_model_parallel", False) and self.tp > 1:
-                parts = [torch.empty_like(grad) for _ in range(self.tp)]
-                dist.all_gather(parts, grad.contiguous(), group=self.ps.get_tensor_model_parallel_group())
-                grad = torch.cat(parts, param.partition_dim)
-            grads[_global_name(name, offset)] = grad
-        return grads
+        return gathered_grads(self.student_params, self.kd.config)
 
     def sgd(self) -> None:
         with torch.no_grad():

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gloo_ranks import run_ranks
-from test_megatron_distill import STUDENT, _close, _global_name, _layer_offset, gpt, microbatches, to_numpy
+from test_megatron_distill import STUDENT, _close, _global_name, gathered_grads, gpt, microbatches, to_numpy
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -65,7 +65,7 @@ class Harness:
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
             tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        self.ps, self.tp = ps, tp
+        self.ps = ps
         build = lambda seed: gpt(STUDENT, seed=seed, gain=2.0, tp=tp, pp=pp)  # noqa: E731
         student = build(1)
         self.model = SelfDistillationModel(student, initial_copy(student, lambda: build(9)) if weights == "initial"
@@ -92,18 +92,7 @@ class Harness:
             decoder_seq_length=SEQ, forward_only=False, adjust_tensor_shapes_fn=tensor_shapes_adjust_fn(self.ddp))
 
     def full_grads(self) -> dict[str, torch.Tensor]:
-        import torch.distributed as dist
-
-        offset = _layer_offset(self.model.config)
-        grads = {}
-        for name, param in self.student_params.items():
-            grad = param.main_grad.detach().clone()
-            if getattr(param, "tensor_model_parallel", False) and self.tp > 1:
-                parts = [torch.empty_like(grad) for _ in range(self.tp)]
-                dist.all_gather(parts, grad.contiguous(), group=self.ps.get_tensor_model_parallel_group())
-                grad = torch.cat(parts, param.partition_dim)
-            grads[_global_name(name, offset)] = grad
-        return grads
+        return gathered_grads(self.student_params, self.model.config)
 
     def sgd(self) -> None:
         with torch.no_grad():

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from gloo_ranks import run_ranks
-from test_megatron_distill import (GLOBAL_BATCH, MICRO, SEQ, STUDENT, VOCAB, _global_name, _layer_offset,
-                                   global_batch, gpt, microbatches, to_numpy)
+from test_megatron_distill import (GLOBAL_BATCH, MICRO, SEQ, STUDENT, VOCAB, gathered_grads, global_batch, gpt,
+                                   microbatches, to_numpy)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,7 +42,7 @@ class Student:
 
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        self.ps, self.tp = ps, tp
+        self.ps = ps
         self.model = gpt(STUDENT, seed=1, gain=1.0, tp=tp, pp=pp)
         self.model.config.finalize_model_grads_func = finalize_model_grads
         self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(
@@ -58,18 +58,7 @@ class Student:
                                            decoder_seq_length=SEQ, forward_only=False)
 
     def full_grads(self) -> dict[str, torch.Tensor]:
-        import torch.distributed as dist
-
-        offset = _layer_offset(self.model.config)
-        grads = {}
-        for name, param in self.params.items():
-            grad = param.main_grad.detach().clone()
-            if getattr(param, "tensor_model_parallel", False) and self.tp > 1:
-                parts = [torch.empty_like(grad) for _ in range(self.tp)]
-                dist.all_gather(parts, grad.contiguous(), group=self.ps.get_tensor_model_parallel_group())
-                grad = torch.cat(parts, param.partition_dim)
-            grads[_global_name(name, offset)] = grad
-        return grads
+        return gathered_grads(self.params, self.model.config)
 
     def close(self) -> None:
         from megatron.core import tensor_parallel
