@@ -11,6 +11,7 @@ Writing a test — the fixtures:
 - `stage_inputs` (session): `.problems` (JSONL) and `.references` (verified teacher references).
 - `rollout_service` (session): `nemo-paced serve-rollouts` over the student with the toy verifier
   `rollout_toys:first_char_in`, its pass-rate table estimated; `.address` is its address file.
+  `start_rollout_service(model, problems, state)` starts the same service over another model.
 - `bridge_stage` (function): `bridge_stage(out, stage="fkl", recipe=PAIR, nproc=2, overrides=[...],
   stop=None)` runs `nemo-paced train` under `torchrun --nproc-per-node nproc` with the CPU shims and
   the stage files above, `TINY` overrides first, yours after; `stop=(signal, after_step)` sends the
@@ -112,15 +113,21 @@ def stage_inputs(tmp_path_factory) -> StageInputs:
     return StageInputs(problems, write_references(root / "references.jsonl", problems))
 
 
-@pytest.fixture(scope="session")
-def rollout_service(tiny_models, stage_inputs, tmp_path_factory):
+def start_rollout_service(model: Path, problems: Path, state: Path):
+    """`nemo-paced serve-rollouts` over `model` with the toy verifier, its pass-rate table estimated."""
     from rollout_toys import Server
 
-    server = Server(tiny_models.student, stage_inputs.problems, tmp_path_factory.mktemp("service") / "state",
-                    "--verifier", "rollout_toys:first_char_in", "--template", "raw", "--k", "8", "--max-tokens", "4",
-                    "--seed", "0")
+    server = Server(model, problems, state, "--verifier", "rollout_toys:first_char_in", "--template", "raw",
+                    "--k", "8", "--max-tokens", "4", "--seed", "0")
     with server.client() as client:
         client.wait(client.estimate(), poll=0.2, timeout=300)
+    return server
+
+
+@pytest.fixture(scope="session")
+def rollout_service(tiny_models, stage_inputs, tmp_path_factory):
+    server = start_rollout_service(tiny_models.student, stage_inputs.problems,
+                                   tmp_path_factory.mktemp("service") / "state")
     yield server
     server.stop()
 

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from conftest import StageInputs, TinyModels, TINY, run_stage, shimmed_python
+from conftest import StageInputs, TinyModels, TINY, run_stage, shimmed_python, start_rollout_service
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -34,13 +34,8 @@ def qwen2_student(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen2_service(qwen2_student, stage_inputs, tmp_path_factory):
-    from rollout_toys import Server
-
-    server = Server(qwen2_student, stage_inputs.problems, tmp_path_factory.mktemp("qwen2-service") / "state",
-                    "--verifier", "rollout_toys:first_char_in", "--template", "raw", "--k", "8", "--max-tokens", "4",
-                    "--seed", "0")
-    with server.client() as client:
-        client.wait(client.estimate(), poll=0.2, timeout=300)
+    server = start_rollout_service(qwen2_student, stage_inputs.problems,
+                                   tmp_path_factory.mktemp("qwen2-service") / "state")
     yield server
     server.stop()
 
