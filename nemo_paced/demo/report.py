@@ -157,15 +157,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(format_paired(report["paired"]))
     lines.append("")
     lines.append(f"compute per run (mean over seeds); {report['compute']['formula']}")
-    lines.append(f"{'method':<14}{'train tok':>11}{'teacher tok':>12}{'estim tok':>11}{'on-pol tok':>11}"
-                 f"{'total GFLOP':>13}{'vs uniform':>11}")
-    base = methods.get("uniform", {}).get("compute", {}).get("mean", {}).get("total_flops")
-    for name, m in methods.items():
-        c = m["compute"]["mean"]
-        ratio = f"{c['total_flops'] / base:>10.2f}x" if base else ""
-        lines.append(f"{name:<14}{c['training_tokens']:>11.0f}{c['teacher_tokens']:>12.0f}"
-                     f"{c['estimation_tokens']:>11.0f}{c['onpolicy_tokens']:>11.0f}"
-                     f"{c['total_flops'] / 1e9:>13.2f}{ratio}")
+    lines += format_compute(methods, baseline="uniform")
     lines.append("")
     lines.append(f"start: {100 * start['at_zero']:.0f}% of the pool at p=0, {100 * start['at_one']:.0f}% at p=1; "
                  f"histogram of K*p: {start['histogram']}")
@@ -212,3 +204,18 @@ def format_paired(paired: list[dict[str, Any]]) -> str:
 
 def _interval(bounds, digits: int = 2) -> str:
     return f"[{bounds[0]:+.{digits}f}, {bounds[1]:+.{digits}f}]"
+
+
+def format_compute(methods: dict[str, Any], baseline: str) -> list[str]:
+    """Table lines of each method's mean compute per run (tokens by kind, GFLOP), and its ratio to `baseline`'s."""
+    label = f"vs {baseline}"
+    lines = [f"{'method':<14}{'train tok':>11}{'teacher tok':>12}{'estim tok':>11}{'on-pol tok':>11}"
+             f"{'total GFLOP':>13}{label:>{len(label) + 1}}"]
+    base = methods.get(baseline, {}).get("compute", {}).get("mean", {}).get("total_flops")
+    for name, m in methods.items():
+        c = m["compute"]["mean"]
+        ratio = f"{c['total_flops'] / base:>{len(label)}.2f}x" if base else ""
+        lines.append(f"{name:<14}{c['training_tokens']:>11.0f}{c['teacher_tokens']:>12.0f}"
+                     f"{c['estimation_tokens']:>11.0f}{c['onpolicy_tokens']:>11.0f}"
+                     f"{c['total_flops'] / 1e9:>13.2f}{ratio}")
+    return lines

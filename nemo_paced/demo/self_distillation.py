@@ -214,7 +214,7 @@ def format_summary(block: dict[str, Any]) -> str:
     """The terminal report: accuracy per benchmark (mean ± std over seeds), the paired differences,
     and each method's compute (tokens and FLOPs, against unweighted self-distillation)."""
     from nemo_paced.demo.compute import FORMULA
-    from nemo_paced.demo.report import format_paired
+    from nemo_paced.demo.report import format_compute, format_paired
 
     start, methods = block["start"], block["methods"]
     benchmarks = list(start["accuracy"])
@@ -227,13 +227,5 @@ def format_summary(block: dict[str, Any]) -> str:
     se = max(v["mean"] for m in methods.values() for v in m["eval_se"].values())
     lines += [f"accuracy (%); ± is the std over {seeds} seed(s); largest evaluation SE of a run's mean: {se:.2f}", "",
               format_paired(block["paired"]), "", f"compute per run (mean over seeds); {FORMULA}",
-              f"{'method':<14}{'train tok':>11}{'teacher tok':>12}{'estim tok':>11}{'on-pol tok':>11}"
-              f"{'total GFLOP':>13}{'vs unweighted':>15}"]
-    base = methods["self_uniform"]["compute"]["mean"]["total_flops"] if "self_uniform" in methods else None
-    for name, m in methods.items():
-        c = m["compute"]["mean"]
-        ratio = f"{c['total_flops'] / base:>14.2f}x" if base else ""
-        lines.append(f"{name:<14}{c['training_tokens']:>11.0f}{c['teacher_tokens']:>12.0f}"
-                     f"{c['estimation_tokens']:>11.0f}{c['onpolicy_tokens']:>11.0f}"
-                     f"{c['total_flops'] / 1e9:>13.2f}{ratio}")
+              *format_compute(methods, baseline="self_uniform")]
     return "\n".join(lines)
